@@ -1,0 +1,29 @@
+"""The default job: a ~3M-parameter Llama-style decoder instruction-tuned on the built-in
+task suite, sized to finish on a 2-core CPU in a few minutes.
+
+    jit-tune train --config configs/tiny.py --workdir runs/tiny
+    jit-tune train --config configs/tiny.py:smoke --workdir /tmp/smoke   # a few steps
+"""
+
+from jit_tune.config import default_config
+
+
+def get_config(variant: str | None = None):
+    config = default_config()
+    if variant == "smoke":  # a few steps on a tiny model: checks the whole path quickly
+        config.model.d_model = 64
+        config.model.n_layers = 2
+        config.model.n_heads = 4
+        config.model.n_kv_heads = 2
+        config.model.head_dim = 16
+        config.model.mlp_dim = 128
+        config.data.batch_size = 8
+        config.train.steps = 6
+        config.train.log_every = 2
+        config.train.checkpoint_every = 3
+        config.optimizer.warmup_steps = 2
+        config.eval.examples_per_task = 4
+        config.eval.max_new_tokens = 8
+    elif variant is not None:
+        raise ValueError(f"configs/tiny.py: unknown variant {variant!r}; expected 'smoke' or none")
+    return config

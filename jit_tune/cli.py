@@ -1,0 +1,56 @@
+"""`jit-tune <verb>`: parses arguments and dispatches; the work lives in the library.
+
+    jit-tune train --config configs/tiny.py --workdir runs/tiny --config.optimizer.lr=3e-4
+    jit-tune eval  --workdir runs/tiny
+
+User mistakes (a bad config, a missing file) end with a one-paragraph message and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jit-tune", description="FLAN-style instruction tuning in JAX.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    train = verbs.add_parser("train", help="train (or resume) a run; then evaluate it")
+    train.add_argument("--config", required=True, help="config file, optionally path.py:arg")
+    train.add_argument("--workdir", required=True, help="run directory; running again resumes from it")
+    evaluate = verbs.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
+    evaluate.add_argument("--workdir", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = _parser().parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        _parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+
+    # Imported here so that `--help` and argument errors answer without loading JAX.
+    from jit_tune.config import ConfigError
+
+    try:
+        if args.verb == "train":
+            from jit_tune.config import load_config
+            from jit_tune.train.loop import train
+
+            train(load_config(args.config, overrides), args.workdir)
+        elif args.verb == "eval":
+            from jit_tune.api import evaluate_workdir
+
+            evaluate_workdir(Path(args.workdir), overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

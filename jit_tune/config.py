@@ -1,0 +1,279 @@
+"""The config schema, loading, command-line overrides and validation.
+
+Config files are Python (`get_config(arg)` returning a ConfigDict, the ml-collections
+convention). They start from `default_config()`, which is locked: setting a key that
+does not exist is an error naming the closest valid key, whether the typo is in a file
+or on the command line. `validate` checks every value once, before any device work, and
+names the file and line (or the command-line flag) that set a bad one.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import inspect
+import json
+import re
+from pathlib import Path
+
+import ml_collections
+
+from jit_tune.data import builtin_tasks
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # everything random derives from this and the step
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 512  # must cover the tokenizer; checked once it is loaded
+    c.model.d_model = 256
+    c.model.n_layers = 4
+    c.model.n_heads = 8
+    c.model.n_kv_heads = 4
+    c.model.head_dim = 32
+    c.model.mlp_dim = 768
+    c.model.rope_theta = 10_000.0
+    c.model.norm_eps = 1e-5
+    c.model.tie_embeddings = False
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+
+    c.data = ml_collections.ConfigDict()
+    c.data.tokenizer = "builtin"  # "builtin" (a BPE trained on the built-in tasks) or a HF tokenizer dir
+    c.data.tokenizer_vocab_size = 512
+    c.data.builtin_seed = 0  # the built-in suite's examples are a function of this seed
+    # Mixture rates, one per task: a task's share of training examples is its rate / sum.
+    c.data.mixture = ml_collections.ConfigDict({task.name: 1.0 for task in builtin_tasks.TASKS})
+    c.data.train_on = "all_assistant"  # all_assistant, last_assistant or all
+    c.data.seq_len = 128  # packed row length
+    c.data.batch_size = 32  # rows per global batch
+    c.data.packing_bins = 16
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 3e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.end_lr_ratio = 0.1  # cosine decays to lr * end_lr_ratio
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.grad_clip = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 600
+    c.train.log_every = 10
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+
+    c.mesh = ml_collections.ConfigDict()
+    # Sizes of the named mesh axes; one may be -1, filled with the remaining devices.
+    c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Logical parameter/activation axis -> mesh axis (or None: replicated).
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("norm", None),
+    )
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0: only at the end of training
+    c.eval.examples_per_task = 64  # per task and per template group (held-in, held-out)
+    c.eval.batch_size = 128
+    c.eval.max_new_tokens = 24
+
+    c.lock()
+    return c
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Load `path[:arg]`, apply `--config.a.b=value` overrides, validate, and lock."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"--config: no config file at {path!r}")
+    module_spec = importlib.util.spec_from_file_location(f"jit_tune_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path}: defines no get_config()")
+        takes_arg = len(inspect.signature(module.get_config).parameters) > 0
+        config = module.get_config(arg or None) if takes_arg else module.get_config()
+    except AttributeError as e:  # a typo'd key in the file, on the locked defaults
+        raise ConfigError(f"{path}{_line_of_error(e, path)}: {_readable(e)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
+    config.lock()
+    sources = {}
+    for item in overrides:
+        key = apply_override(config, item)
+        sources[key] = f"command line {item}"
+    validate(config, path, sources)
+    return config
+
+
+def _readable(error: AttributeError) -> str:
+    return str(error).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+
+
+def _line_of_error(error: BaseException, path: str) -> str:
+    for frame in reversed(inspect.getinnerframes(error.__traceback__)):
+        if Path(frame.filename).resolve() == Path(path).resolve():
+            return f":{frame.lineno}"
+    return ""
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> str:
+    """Apply one `--config.a.b=value`; returns the dotted key it set."""
+    match = re.fullmatch(r"--config\.([\w.]+)=(.*)", item, flags=re.S)
+    if not match:
+        raise ConfigError(f"{item!r}: expected an override of the form --config.section.field=value")
+    key, raw = match.groups()
+    *parents, leaf = key.split(".")
+    node, walked = config, "config"
+    for name in parents + [leaf]:
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            valid = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean {walked}.{close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{item}: {walked} has no field {name!r}{hint}")
+        if name != leaf:
+            node, walked = node[name], f"{walked}.{name}"
+    current = node[leaf]
+    value = _parse_like(raw, current, item)
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f"{item}: expected a {type(current).__name__} ({e})") from None
+    return key
+
+
+def _parse_like(raw: str, current, item: str):
+    if isinstance(current, str):
+        return raw
+    if isinstance(current, bool):
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{item}: expected true or false, got {raw!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"{item}: expected a {type(current).__name__}, got {raw!r}") from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources: dict | None = None) -> None:
+    """Check every value; raise one ConfigError listing each problem with where it was set."""
+    sources = sources or {}
+    problems = []
+
+    def check(key: str, ok: bool, expected: str):
+        if not ok:
+            value = config
+            for part in key.split("."):
+                value = value[part]
+            where = sources.get(key) or f"{path}{_line_setting(path, key)}"
+            problems.append(f"{where}: config.{key} = {value!r}: expected {expected}")
+
+    m, d, o, t, e = config.model, config.data, config.optimizer, config.train, config.eval
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
+        check(f"model.{key}", isinstance(m[key], int) and m[key] > 0, "a positive integer")
+    check("model.n_heads", m.n_kv_heads > 0 and m.n_heads % max(m.n_kv_heads, 1) == 0,
+          f"a multiple of model.n_kv_heads ({m.n_kv_heads}) for grouped-query attention")
+    check("model.head_dim", m.head_dim % 2 == 0, "an even number (RoPE rotates pairs)")
+    check("model.dtype", m.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
+    check("model.rope_theta", m.rope_theta > 0, "a positive number")
+    check("data.tokenizer", d.tokenizer == "builtin" or Path(d.tokenizer).is_dir(),
+          "'builtin' or a directory holding a Hugging Face tokenizer")
+    check("data.tokenizer_vocab_size", 256 + 8 <= d.tokenizer_vocab_size <= m.vocab_size,
+          f"between 264 (bytes + special tokens) and model.vocab_size ({m.vocab_size})")
+    unknown = sorted(set(d.mixture.keys()) - set(builtin_tasks.TASKS_BY_NAME))
+    check("data.mixture", not unknown, f"only built-in task names ({', '.join(builtin_tasks.TASKS_BY_NAME)})")
+    for task, rate in d.mixture.items():
+        check(f"data.mixture.{task}", isinstance(rate, (int, float)) and rate >= 0, "a rate >= 0")
+    check("data.mixture", sum(d.mixture.values()) > 0, "at least one task with a rate > 0")
+    check("data.train_on", d.train_on in ("all_assistant", "last_assistant", "all"),
+          "'all_assistant', 'last_assistant' or 'all'")
+    check("data.seq_len", d.seq_len >= 8, "an integer >= 8")
+    check("data.batch_size", d.batch_size > 0, "a positive integer")
+    check("data.packing_bins", d.packing_bins > 0, "a positive integer")
+    check("optimizer.lr", o.lr > 0, "a positive learning rate")
+    check("optimizer.warmup_steps", 0 <= o.warmup_steps < t.steps, f"an integer in [0, train.steps={t.steps})")
+    check("optimizer.end_lr_ratio", 0 <= o.end_lr_ratio <= 1, "a number in [0, 1]")
+    check("optimizer.weight_decay", o.weight_decay >= 0, "a number >= 0")
+    check("optimizer.b1", 0 <= o.b1 < 1, "a number in [0, 1)")
+    check("optimizer.b2", 0 <= o.b2 < 1, "a number in [0, 1)")
+    check("optimizer.grad_clip", o.grad_clip >= 0, "a number >= 0 (0 disables clipping)")
+    for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        check(f"train.{key}", isinstance(t[key], int) and t[key] > 0, "a positive integer")
+    sizes = dict(config.mesh.shape)
+    check("mesh.shape", set(sizes) == {"data", "fsdp", "tensor"}, "the axes data, fsdp and tensor")
+    check("mesh.shape", all(isinstance(s, int) and (s > 0 or s == -1) for s in sizes.values())
+          and list(sizes.values()).count(-1) <= 1, "positive sizes, at most one -1 (fill)")
+    check("mesh.rules", all(isinstance(r, (tuple, list)) and len(r) == 2 for r in config.mesh.rules),
+          "(logical axis, mesh axis or None) pairs")
+    check("eval.every_steps", e.every_steps >= 0, "an integer >= 0 (0: only at the end)")
+    for key in ("examples_per_task", "batch_size", "max_new_tokens"):
+        check(f"eval.{key}", e[key] > 0, "a positive integer")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _line_setting(path: str, key: str) -> str:
+    """':LINE' of the first line in the config file that assigns `key`'s last part."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return ""
+    leaf = re.escape(key.split(".")[-1])
+    pattern = re.compile(rf"(\.{leaf}\s*=[^=]|['\"]{leaf}['\"]\s*[:\]])")
+    for number, line in enumerate(lines, 1):
+        if pattern.search(line):
+            return f":{number}"
+    return " (default)"
+
+
+def config_from_dict(values: dict, source: str) -> ml_collections.ConfigDict:
+    """The defaults updated with a saved config (config.json), validated and locked."""
+    config = default_config()
+
+    def update(node: ml_collections.ConfigDict, saved: dict, prefix: str):
+        for key, value in saved.items():
+            if key not in node:
+                raise ConfigError(f"{source}: unknown field config.{prefix}{key}")
+            if isinstance(node[key], ml_collections.ConfigDict):
+                update(node[key], value, f"{prefix}{key}.")
+            else:
+                node[key] = _as_tuples(value) if isinstance(node[key], tuple) else value
+
+    update(config, values, "")
+    validate(config, source)
+    return config
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def save_config(config: ml_collections.ConfigDict, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")

@@ -1,0 +1,85 @@
+"""The one data path, on Grain: tasks -> mixture -> render + tokenize -> pack -> batch.
+
+Each process reads its own slice of the mixture (never a duplicate of another host's),
+so the per-process batch is `batch_size / process_count` rows. The iterator's state is
+saved inside each checkpoint, so a resumed run continues with exactly the next batch.
+
+Rows leave the pipeline as int32 arrays [rows, seq_len]:
+  inputs, targets    tokens and the next token (shifted within an example, never across)
+  loss_mask          1 where the target is trained (responses and their EOS)
+  segment_ids        which packed example a token belongs to, 0 for padding
+  positions          position within its example, restarting at 0
+"""
+
+from __future__ import annotations
+
+import functools
+
+import grain
+import numpy as np
+from grain.experimental import FirstFitPackIterDataset
+from ml_collections import ConfigDict
+from transformers import PreTrainedTokenizerBase
+
+from jit_tune.data import builtin_tasks
+from jit_tune.data.render import tokenize_conversation
+
+FEATURES = ("inputs", "targets", "loss_mask")
+ROW_FEATURES = FEATURES + ("segment_ids", "positions")
+_EXAMPLES_PER_TASK = 2**40  # examples are generated on demand; this is just an index space
+
+
+def encode(example: dict, tokenizer: PreTrainedTokenizerBase, train_on: str) -> dict[str, np.ndarray]:
+    """A conversation as next-token training arrays, shifted inside the example."""
+    ids, mask = tokenize_conversation(tokenizer, example["messages"], train_on)
+    return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+
+
+def _trainable(features: dict[str, np.ndarray], seq_len: int) -> bool:
+    return features["loss_mask"].any() and len(features["inputs"]) <= seq_len
+
+
+def _builtin_task(task: builtin_tasks.Task, split: str, seed: int) -> grain.MapDataset:
+    make = functools.partial(builtin_tasks.make_example, task, split, seed=seed)
+    return grain.MapDataset.range(_EXAMPLES_PER_TASK).map(make)
+
+
+def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    row = {k: packed[k].astype(np.int32) for k in FEATURES}
+    row["segment_ids"] = packed["inputs_segment_ids"].astype(np.int32)
+    row["positions"] = packed["inputs_positions"].astype(np.int32)
+    return row
+
+
+def train_dataset(
+    config: ConfigDict, tokenizer: PreTrainedTokenizerBase, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
+    """Batches of packed rows for this process, endless and deterministic in config.seed."""
+    d = config.data
+    if d.batch_size % process_count:
+        raise ValueError(f"config.data.batch_size = {d.batch_size}: expected a multiple of the {process_count} processes")
+    tasks = [(builtin_tasks.TASKS_BY_NAME[name], rate) for name, rate in d.mixture.items() if rate > 0]
+    mixture = grain.MapDataset.mix(
+        [_builtin_task(task, "train", d.builtin_seed) for task, _ in tasks], weights=[rate for _, rate in tasks]
+    )
+    # Shuffling the (lazy, index-only) mixture varies the task order within rows.
+    local = mixture.shuffle(seed=config.seed)[process_index::process_count]
+    encoded = local.map(functools.partial(encode, tokenizer=tokenizer, train_on=d.train_on))
+    encoded = encoded.filter(functools.partial(_trainable, seq_len=d.seq_len))
+    packed = FirstFitPackIterDataset(
+        encoded.to_iter_dataset(),
+        length_struct={k: d.seq_len for k in FEATURES},
+        num_packing_bins=d.packing_bins,
+        seed=config.seed,
+        shuffle_bins=True,
+    )
+    return packed.map(_to_row).batch(d.batch_size // process_count, drop_remainder=True)
+
+
+def validation_examples(config: ConfigDict, task_name: str, held_out: bool) -> list[dict]:
+    """The fixed validation set of one task, on its held-in or held-out templates."""
+    task = builtin_tasks.TASKS_BY_NAME[task_name]
+    return [
+        builtin_tasks.make_example(task, "validation", i, config.data.builtin_seed, held_out)
+        for i in range(config.eval.examples_per_task)
+    ]

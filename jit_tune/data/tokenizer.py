@@ -1,0 +1,65 @@
+"""Tokenizers: a byte-level BPE trained on the built-in suite (nothing to download), or
+any Hugging Face tokenizer directory. Either way the result is a transformers
+tokenizer carrying its chat template, saved in the workdir so a resume reads the same one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from jit_tune.data import builtin_tasks
+
+SPECIAL_TOKENS = ("<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>")
+
+# Role markers are special tokens, so a rendered prefix always ends on a token boundary;
+# the assistant turn ends with EOS, which is trained, and nothing trails it.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def train_builtin_tokenizer(vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over the built-in tasks' text: any byte string stays encodable."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(builtin_tasks.corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|eos|>",
+        chat_template=BUILTIN_CHAT_TEMPLATE,
+    )
+
+
+def get_tokenizer(name: str, workdir: str | Path, vocab_size: int, seed: int) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: the copy in `workdir/tokenizer` if there is one (a resume),
+    else built from `name` ("builtin" or a HF tokenizer dir) and saved there."""
+    saved = Path(workdir) / "tokenizer"
+    if saved.exists():
+        return AutoTokenizer.from_pretrained(saved)
+    if name == "builtin":
+        tokenizer = train_builtin_tokenizer(vocab_size, seed)
+    else:
+        if not Path(name).is_dir():
+            raise FileNotFoundError(
+                f"config.data.tokenizer: {name!r} is neither 'builtin' nor a directory "
+                "holding a Hugging Face tokenizer"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer.save_pretrained(saved)
+    return tokenizer

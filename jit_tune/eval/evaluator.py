@@ -1,0 +1,102 @@
+"""Per-task validation loss and greedy exact match, on held-in and held-out templates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from ml_collections import ConfigDict
+from rich.console import Console
+from rich.table import Table
+from transformers import PreTrainedTokenizerBase
+
+from jit_tune.data import builtin_tasks
+from jit_tune.data.pipeline import encode, validation_examples
+from jit_tune.data.render import prompt_ids
+from jit_tune.eval.decode import generate_greedy
+from jit_tune.models.decoder import Decoder
+from jit_tune.train.step import eval_losses
+
+GROUPS = (("held_in", False), ("held_out", True))
+
+
+def _unpacked_rows(features: list[dict], seq_len: int, batch: int) -> dict[str, np.ndarray]:
+    """One example per row, zero-padded (segment 0) to seq_len and to `batch` rows."""
+    rows = {k: np.zeros((batch, seq_len), np.int32) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+    for i, f in enumerate(features):
+        n = min(len(f["inputs"]), seq_len)
+        for k in ("inputs", "targets", "loss_mask"):
+            rows[k][i, :n] = f[k][:n]
+        rows["segment_ids"][i, :n] = 1
+        rows["positions"][i, :n] = np.arange(n)
+    return rows
+
+
+def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigDict) -> dict:
+    """{task: {group: {"loss", "exact_match", "examples"}}} plus a "mean" entry per group."""
+    items = [
+        (task.name, group, example)
+        for task in builtin_tasks.TASKS
+        for group, held_out in GROUPS
+        for example in validation_examples(config, task.name, held_out)
+    ]
+    batch, seq_len = config.eval.batch_size, config.data.seq_len
+    loss_sums, counts = [], []
+    for start in range(0, len(items), batch):
+        chunk = items[start: start + batch]
+        features = [encode(ex, tokenizer, config.data.train_on) for _, _, ex in chunk]
+        row_loss, row_count = eval_losses(model, _unpacked_rows(features, seq_len, batch))
+        loss_sums.extend(np.asarray(row_loss)[: len(chunk)])
+        counts.extend(np.asarray(row_count)[: len(chunk)])
+
+    prompts = [prompt_ids(tokenizer, ex["messages"][:-1]) for _, _, ex in items]
+    outputs = generate_greedy(
+        model, prompts, config.eval.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch
+    )
+    correct = [
+        tokenizer.decode(out, skip_special_tokens=True).strip() == ex["messages"][-1]["content"].strip()
+        for out, (_, _, ex) in zip(outputs, items)
+    ]
+
+    results: dict = {}
+    for (task, group, _), loss, count, ok in zip(items, loss_sums, counts, correct):
+        entry = results.setdefault(task, {}).setdefault(group, {"loss_sum": 0.0, "tokens": 0.0, "correct": 0, "examples": 0})
+        entry["loss_sum"] += float(loss)
+        entry["tokens"] += float(count)
+        entry["correct"] += int(ok)
+        entry["examples"] += 1
+    for task_results in results.values():
+        for group, entry in task_results.items():
+            task_results[group] = {
+                "loss": entry["loss_sum"] / max(entry["tokens"], 1.0),
+                "exact_match": entry["correct"] / entry["examples"],
+                "examples": entry["examples"],
+            }
+    results["mean"] = {
+        group: {
+            metric: float(np.mean([results[t.name][group][metric] for t in builtin_tasks.TASKS]))
+            for metric in ("loss", "exact_match")
+        }
+        for group, _ in GROUPS
+    }
+    return results
+
+
+def print_table(results: dict, step: int, console: Console | None = None) -> None:
+    table = Table(title=f"Per-task validation at step {step}")
+    for column in ("task", "loss held-in", "EM held-in", "loss held-out", "EM held-out"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task, groups in results.items():
+        cells = []
+        for group, _ in GROUPS:
+            cells += [f"{groups[group]['loss']:.3f}", f"{100 * groups[group]['exact_match']:.1f}%"]
+        table.add_row(task, *cells, end_section=task == list(results)[-2])
+    (console or Console()).print(table)
+
+
+def save_results(results: dict, step: int, workdir: Path) -> None:
+    out = Path(workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (f"results_step{step}.json", "results.json"):
+        (out / name).write_text(json.dumps({"step": step, "results": results}, indent=2) + "\n")

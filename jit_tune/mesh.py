@@ -1,0 +1,63 @@
+"""Device mesh from the config, logical-axis rules, and global batch assembly.
+
+The mesh has the named axes data, fsdp and tensor. Parameters name logical axes
+(`embed`, `mlp`, ...); `config.mesh.rules` maps those to mesh axes, the one place
+sharding is declared. Batches are sharded over ("data", "fsdp") on their first axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_SPEC = PartitionSpec(("data", "fsdp"))
+
+
+def mesh_shape(config: ConfigDict, n_devices: int) -> tuple[int, ...]:
+    """Axis sizes with the -1 axis filled; an error if they do not tile the devices."""
+    sizes = [config.mesh.shape[axis] for axis in AXES]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"config.mesh.shape {dict(zip(AXES, sizes))}: {n_devices} devices do not divide by {known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(
+            f"config.mesh.shape {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, but {n_devices} are present"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(config: ConfigDict, devices: list | None = None) -> Mesh:
+    """Auto axis types: the compiler propagates shardings from the annotated params."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(config, len(devices))
+    grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def logical_rules(config: ConfigDict) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    return tuple((logical, tuple(mesh) if isinstance(mesh, list) else mesh) for logical, mesh in config.mesh.rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, BATCH_SPEC)
+
+
+def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % shards:
+        raise ValueError(
+            f"config.data.batch_size = {global_batch}: expected a multiple of the data x fsdp mesh size ({shards})"
+        )
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's rows into arrays sharded over the whole mesh."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

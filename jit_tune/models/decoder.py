@@ -1,0 +1,202 @@
+"""A Llama-architecture decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Every parameter carries logical axis names (`embed`, `heads`, `mlp`, ...); the mesh
+rules in the config map them to mesh axes, so sharding is declared once, in the config.
+
+Attention takes segment ids and positions: tokens attend only within their own segment
+(packed examples never see each other; segment 0 is padding) and RoPE positions restart
+per segment. The same call serves training (no cache) and cached decoding, where the
+keys and values of earlier steps live in an explicit `KVCache` passed in and out.
+
+Shape suffixes: B batch, L query length, S key length, D model dim, N query heads,
+K key/value heads, G = N // K, H head dim, F mlp dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer for slots [0, S), and which segment each slot holds
+    (0 = empty or padding). Decoding writes new tokens at slot `index`."""
+
+    k_LxBxSxKxH: jax.Array
+    v_LxBxSxKxH: jax.Array
+    segment_ids_BxS: jax.Array
+    index: jax.Array  # scalar int32: the next slot to write
+
+    @classmethod
+    def empty(cls, config: DecoderConfig, batch: int, length: int) -> KVCache:
+        shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+        zeros = jnp.zeros(shape, config.compute_dtype)
+        return cls(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int) -> nnx.Param:
+    init = jax.nn.initializers.normal(stddev=fan_in**-0.5)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...]).astype(x.dtype)
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in the half-split layout Hugging Face Llama uses."""
+    h = x_BxLxNxH.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BxLxH2)[:, :, None, :]
+    sin = jnp.sin(angles_BxLxH2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxNxH.dtype)
+
+
+def attention_mask(q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S) -> jax.Array:
+    """True where a query may attend a key: same non-padding segment, not in the future."""
+    same_segment = q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
+    causal = kv_slot_S[None, None, :] <= q_slot_L[None, :, None]
+    return same_segment & causal & (kv_segment_BxS[:, None, :] != 0)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.q_DxNxH = _param(rngs, (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), c.d_model)
+        self.k_DxKxH = _param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
+        self.v_DxKxH = _param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
+        self.o_NxHxD = _param(
+            rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), c.n_heads * c.head_dim
+        )
+
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, slots_L, cache_kv=None):
+        c = self.config
+        dt = c.compute_dtype
+        q = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.q_DxNxH[...].astype(dt))
+        k = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.k_DxKxH[...].astype(dt))
+        v = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.v_DxKxH[...].astype(dt))
+        q = apply_rope(q, positions_BxL, c.rope_theta)
+        k = apply_rope(k, positions_BxL, c.rope_theta)
+
+        kv_segment, kv_slots, new_cache_kv = segment_ids_BxL, slots_L, None
+        if cache_kv is not None:  # decoding: write this step's keys/values, attend to all
+            k_cache, v_cache, kv_segment, start = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
+            kv_slots = jnp.arange(k.shape[1])
+            new_cache_kv = (k, v)
+
+        b, l, _, h = q.shape
+        q_BxLxKxGxH = q.reshape(b, l, c.n_kv_heads, c.n_heads // c.n_kv_heads, h)
+        logits = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k, preferred_element_type=jnp.float32)
+        logits = logits * (h**-0.5)
+        mask_BxLxS = attention_mask(segment_ids_BxL, kv_segment, slots_L, kv_slots)
+        # A finite fill keeps fully masked rows (padding) free of NaNs; their loss is masked.
+        logits = jnp.where(mask_BxLxS[:, None, None], logits, -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out = jnp.einsum("bkgls,bskh->blkgh", probs, v).reshape(b, l, c.n_heads, h)
+        return jnp.einsum("blnh,nhd->bld", out, self.o_NxHxD[...].astype(dt)), new_cache_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        c = config
+        self.gate_DxF = _param(rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
+        self.up_DxF = _param(rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
+        self.down_FxD = _param(rngs, (c.mlp_dim, c.d_model), ("mlp", "embed"), c.mlp_dim)
+
+    def __call__(self, x_BxLxD):
+        dt = x_BxLxD.dtype
+        gate = jnp.einsum("bld,df->blf", x_BxLxD, self.gate_DxF[...].astype(dt))
+        up = jnp.einsum("bld,df->blf", x_BxLxD, self.up_DxF[...].astype(dt))
+        return jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, self.down_FxD[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, rngs)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x, positions, segment_ids, slots, cache_kv=None):
+        attn_out, new_cache_kv = self.attn(self.attn_norm(x), positions, segment_ids, slots, cache_kv)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), new_cache_kv
+
+
+class Decoder(nnx.Module):
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed_VxD = nnx.Param(
+            jax.random.normal(rngs.params(), (c.vocab_size, c.d_model), jnp.float32), out_sharding=("vocab", "embed")
+        )
+        self.blocks = nnx.List([Block(c, rngs) for _ in range(c.n_layers)])
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps)
+        if not c.tie_embeddings:
+            self.unembed_DxV = _param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model)
+
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        segment_ids_BxL: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Float32 logits [B, L, V], and the updated cache when one is given."""
+        c = self.config
+        x = self.embed_VxD[...].astype(c.compute_dtype)[tokens_BxL]
+        if cache is None:
+            slots = jnp.arange(tokens_BxL.shape[1])
+        else:
+            slots = cache.index + jnp.arange(tokens_BxL.shape[1])
+            kv_segment = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BxS, segment_ids_BxL, cache.index, axis=1)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i], kv_segment, cache.index)
+            x, kv = block(x, positions_BxL, segment_ids_BxL, slots, layer_cache)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = self.final_norm(x)
+        unembed = self.embed_VxD[...].T if c.tie_embeddings else self.unembed_DxV[...]
+        logits = jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits, None
+        new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), kv_segment, cache.index + tokens_BxL.shape[1])
+        return logits, new_cache

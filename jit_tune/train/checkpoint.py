@@ -1,0 +1,55 @@
+"""Orbax checkpoints of the whole run state: params, optimizer state (with the step) and
+the data iterator's position, so that a resume continues with exactly the next batch.
+
+Saves are atomic (Orbax writes to a temporary directory and renames it), so an
+interrupted save never replaces the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int):
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_iterator) -> None:
+        state = {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_iterator=None) -> None:
+        """Restore in place; `model` and `optimizer` give the target shapes and shardings.
+        Without a data iterator (evaluation), the data position is left unread."""
+        model_state, optimizer_state = nnx.state(model), nnx.state(optimizer)
+        target = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(optimizer_state)}
+        items = {"state": ocp.args.StandardRestore(target)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        nnx.replace_by_pure_dict(model_state, restored.state["model"])
+        nnx.replace_by_pure_dict(optimizer_state, restored.state["optimizer"])
+        nnx.update(model, model_state)
+        nnx.update(optimizer, optimizer_state)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

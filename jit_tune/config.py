@@ -186,13 +186,18 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     """Check every value; raise one ConfigError listing each problem with where it was set."""
     sources = sources or {}
     problems = []
+    defaults = default_config()
+
+    def lookup(root, key: str):
+        for part in key.split("."):
+            root = root[part] if part in root else None
+        return root
 
     def check(key: str, ok: bool, expected: str):
         if not ok:
-            value = config
-            for part in key.split("."):
-                value = value[part]
-            where = sources.get(key) or f"{path}{_line_setting(path, key)}"
+            value = lookup(config, key)
+            is_default = value == lookup(defaults, key)
+            where = sources.get(key) or f"{path}{' (default)' if is_default else _line_setting(path, key)}"
             problems.append(f"{where}: config.{key} = {value!r}: expected {expected}")
 
     m, d, o, t, e = config.model, config.data, config.optimizer, config.train, config.eval
@@ -250,7 +255,7 @@ def _line_setting(path: str, key: str) -> str:
     for number, line in enumerate(lines, 1):
         if pattern.search(line):
             return f":{number}"
-    return " (default)"
+    return ""
 
 
 def config_from_dict(values: dict, source: str) -> ml_collections.ConfigDict:

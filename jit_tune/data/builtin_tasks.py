@@ -25,7 +25,7 @@ WORDS = (
     "kite", "lamp", "moon", "nest", "owl", "pear", "queen", "rose", "sun", "tree",
     "van", "wolf", "yak", "zebra",
 )
-MIN_WORDS, MAX_WORDS = 2, 6
+MIN_WORDS, MAX_WORDS = 2, 4
 VALIDATION_SHARE = 10  # one word list in this many belongs to validation
 SPLITS = ("train", "validation")
 

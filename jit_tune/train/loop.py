@@ -51,9 +51,13 @@ def setup(config: ConfigDict, workdir: Path):
     return tokenizer, mesh, model, optimizer, data_iterator, checkpointer, start_step
 
 
-def train(config: ConfigDict, workdir: str | Path) -> dict:
+def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = None) -> dict | None:
     """Train to config.train.steps (resuming if possible), then evaluate; returns the
-    final per-task results, also printed as a table and written to workdir/eval."""
+    final per-task results, also printed as a table and written to workdir/eval.
+
+    `stop_at_step` interrupts the run there with a checkpoint, as a preemption would,
+    without changing the schedule; it returns None.
+    """
     workdir = Path(workdir)
     tokenizer, mesh, model, optimizer, data_iterator, checkpointer, step = setup(config, workdir)
     t = config.train
@@ -63,44 +67,65 @@ def train(config: ConfigDict, workdir: str | Path) -> dict:
     if step and is_main:
         print(f"Resumed from {workdir / 'checkpoints'} at step {step}")
     progress = tqdm(total=t.steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True)
-    pending = None  # the previous step's metrics, fetched one step late so the host never stalls the device
-    window_tokens, window_start = 0, time.perf_counter()
-    with jax.set_mesh(mesh):
-        while step < t.steps:
-            local = next(data_iterator)
-            window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
-            metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh))
-            step += 1
-            if pending is not None:
-                _report(pending, writer, progress, schedule)
-            pending = None
-            if step % t.log_every == 0 or step == t.steps:
-                elapsed = time.perf_counter() - window_start
-                pending = (step, metrics, window_tokens / elapsed)
-                window_tokens, window_start = 0, time.perf_counter()
-            progress.update(1)
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                checkpointer.save(step, model, optimizer, data_iterator)
-            if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
-                _evaluate(model, tokenizer, config, step, workdir, writer)
-        if pending is not None:
-            _report(pending, writer, progress, schedule)
+    # One step stays in flight: the host waits for step t only after dispatching step
+    # t+1 (and reading its batch), so it never stalls the device, and the progress bar
+    # counts finished steps rather than queued ones.
+    in_flight = None
+    throughput = _Throughput()
+    last_step = min(t.steps, stop_at_step or t.steps)
+    try:
+        with jax.set_mesh(mesh):
+            while step < last_step:
+                local = next(data_iterator)
+                throughput.add(int((local["segment_ids"] > 0).sum()) * jax.process_count())
+                metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh))
+                step += 1
+                if in_flight is not None:
+                    _finish(*in_flight, writer, progress, schedule, throughput)
+                in_flight = (step, metrics, step % t.log_every == 0 or step == last_step)
+                if step % t.checkpoint_every == 0 or step == last_step:
+                    checkpointer.save(step, model, optimizer, data_iterator)
+                if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
+                    _evaluate(model, tokenizer, config, step, workdir, writer)
+            if in_flight is not None:
+                _finish(*in_flight, writer, progress, schedule, throughput)
+            checkpointer.wait()
+            if step < t.steps:
+                return None
+            return _evaluate(model, tokenizer, config, step, workdir, writer)
+    finally:
         progress.close()
-        checkpointer.wait()
-        results = _evaluate(model, tokenizer, config, step, workdir, writer)
-    checkpointer.close()
-    writer.close()
-    return results
+        checkpointer.close()
+        writer.close()
 
 
-def _report(pending, writer: MetricsWriter, progress: tqdm, schedule) -> None:
-    step, metrics, tokens_per_sec = pending
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["loss"]):
-        raise FloatingPointError(f"step {step}: loss is {values['loss']}; stopping (the last checkpoint is kept)")
-    values.update(lr=float(schedule(step - 1)), tokens_per_sec=tokens_per_sec)
-    writer.write(step, values)
-    progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+class _Throughput:
+    """Non-padding tokens per second over the steps finished since the last report."""
+
+    def __init__(self):
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def take(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.tokens, self.start = 0, now
+        return rate
+
+
+def _finish(step: int, metrics, log: bool, writer: MetricsWriter, progress: tqdm, schedule, throughput) -> None:
+    """Wait for a dispatched step; check and log its metrics on logging steps."""
+    loss = float(metrics["loss"])  # blocks until the step is done
+    progress.update(1)
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"step {step}: loss is {loss}; stopping (the last good checkpoint is kept)")
+    if log:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values.update(lr=float(schedule(step - 1)), tokens_per_sec=throughput.take())
+        writer.write(step, values)
+        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_sec']:,.0f}")
 
 
 def _evaluate(model, tokenizer, config: ConfigDict, step: int, workdir: Path, writer: MetricsWriter) -> dict:

@@ -1,0 +1,60 @@
+"""Throughput of the jitted train step and of the data pipeline, for a config.
+
+    .venv/bin/python tools/bench_train_step.py --config configs/tiny.py [--steps 20] [--config.x=y ...]
+
+Prints compile time, steady-state step time and tokens/s (non-padding tokens), and the
+pipeline's own tokens/s, measured in the same process on the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+
+from jit_tune import mesh as mesh_lib
+from jit_tune.config import load_config
+from jit_tune.data.pipeline import train_dataset
+from jit_tune.data.tokenizer import train_builtin_tokenizer
+from jit_tune.train.state import create_model_and_optimizer
+from jit_tune.train.step import train_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/tiny.py")
+    parser.add_argument("--steps", type=int, default=20)
+    args, overrides = parser.parse_known_args()
+    config = load_config(args.config, overrides)
+    tokenizer = train_builtin_tokenizer(config.data.tokenizer_vocab_size, config.data.builtin_seed)
+    batches = iter(train_dataset(config, tokenizer))
+
+    start = time.perf_counter()
+    local = [next(batches) for _ in range(args.steps + 1)]
+    pipeline_s = time.perf_counter() - start
+    tokens = [int((b["segment_ids"] > 0).sum()) for b in local]
+
+    mesh = mesh_lib.make_mesh(config)
+    model, optimizer = create_model_and_optimizer(config, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(model))
+    with jax.set_mesh(mesh):
+        start = time.perf_counter()
+        jax.block_until_ready(train_step(model, optimizer, mesh_lib.global_batch(local[0], mesh)))
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for batch in local[1:]:
+            metrics = train_step(model, optimizer, mesh_lib.global_batch(batch, mesh))
+        jax.block_until_ready(metrics)
+        step_s = (time.perf_counter() - start) / args.steps
+
+    d = config.data
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; params: {n_params / 1e6:.2f}M")
+    print(f"batch: {d.batch_size} x {d.seq_len}, real tokens/step: {sum(tokens[1:]) / args.steps:,.0f}")
+    print(f"compile + first step: {compile_s:.1f} s")
+    print(f"train step: {step_s * 1e3:.0f} ms, {sum(tokens[1:]) / args.steps / step_s:,.0f} tokens/s")
+    print(f"pipeline (read, render, tokenize, pack, batch): {sum(tokens) / pipeline_s:,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# README command 2: set up .venv with the test extra (idempotent) and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source tools/setup_env.sh test
+exec .venv/bin/python -m pytest -q "$@"

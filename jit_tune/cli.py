@@ -4,7 +4,7 @@
     jit-tune eval  --workdir runs/tiny
 
 User mistakes (a bad config, a missing file) end with a one-paragraph message and exit
-code 2, never a traceback.
+code 2, never a traceback; a run whose loss stops being finite ends with exit code 3.
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a diverged run: the last good checkpoint stays
+        print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

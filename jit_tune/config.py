@@ -32,12 +32,12 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.vocab_size = 512  # must cover the tokenizer; checked once it is loaded
-    c.model.d_model = 256
+    c.model.d_model = 192
     c.model.n_layers = 4
-    c.model.n_heads = 8
-    c.model.n_kv_heads = 4
+    c.model.n_heads = 6
+    c.model.n_kv_heads = 3
     c.model.head_dim = 32
-    c.model.mlp_dim = 768
+    c.model.mlp_dim = 512
     c.model.rope_theta = 10_000.0
     c.model.norm_eps = 1e-5
     c.model.tie_embeddings = False
@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # 0: only at the end of training
-    c.eval.examples_per_task = 64  # per task and per template group (held-in, held-out)
+    c.eval.examples_per_task = 100  # per task and per template group (held-in, held-out)
     c.eval.batch_size = 128
     c.eval.max_new_tokens = 24
 

@@ -30,10 +30,10 @@ def test_wrong_type_is_rejected():
 
 def test_bad_value_names_flag_field_and_expectation():
     with pytest.raises(ConfigError) as e:
-        load_config(TINY, ["--config.optimizer.lr=-1.0", "--config.model.n_kv_heads=3"])
+        load_config(TINY, ["--config.optimizer.lr=-1.0", "--config.model.n_kv_heads=4"])
     message = str(e.value)
     assert "command line --config.optimizer.lr=-1.0: config.optimizer.lr = -1.0: expected a positive learning rate" in message
-    assert "config.model.n_heads = 8: expected a multiple of model.n_kv_heads (3)" in message
+    assert "config.model.n_heads = 6: expected a multiple of model.n_kv_heads (4)" in message
 
 
 def test_typo_in_config_file_names_file_line_and_closest_key(tmp_path):

@@ -82,3 +82,32 @@ def test_cli_train_twice_resumes_and_writes_the_workdir(tmp_path, capsys):
     assert "Resumed from" in capsys.readouterr().out
     assert main(["eval", "--workdir", str(workdir)]) == 0
     assert json.loads((workdir / "eval/results.json").read_text())["results"] == results
+
+
+def test_diverged_run_stops_with_a_message_and_keeps_the_good_checkpoint(tmp_path, capsys):
+    from jit_tune.cli import main
+    from jit_tune.train.checkpoint import Checkpointer
+
+    workdir = tmp_path / "run"
+    args = ["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir)]
+    assert main(args + ["--config.train.steps=3"]) == 0
+    # Resume with an absurd learning rate: the loss leaves the finite range.
+    code = main(args + ["--config.train.steps=6", "--config.optimizer.lr=1e38"])
+    assert code == 3
+    err = capsys.readouterr().err.lower()
+    assert "loss is nan" in err or "loss is inf" in err
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
+    assert checkpointer.latest_step() == 3
+    checkpointer.close()
+
+
+def test_resume_with_an_incompatible_config_is_a_clear_error(tmp_path, capsys):
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    args = ["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=3"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--config.optimizer.grad_clip=0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit this config" in err and "Traceback" not in err

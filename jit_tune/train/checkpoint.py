@@ -13,6 +13,8 @@ import grain
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jit_tune.config import ConfigError
+
 
 class Checkpointer:
     def __init__(self, directory: Path, keep: int):
@@ -42,7 +44,17 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            if "do not match" not in str(e):
+                raise
+            raise ConfigError(
+                f"{self.manager.directory}/{step}: the checkpoint's parameters or optimizer state do not fit "
+                "this config (were config.model or config.optimizer changed in a way that alters the state, "
+                "e.g. layer sizes or turning grad_clip on/off?); resume with the config saved in the "
+                "workdir's config.json, or start a new workdir"
+            ) from None
         nnx.replace_by_pure_dict(model_state, restored.state["model"])
         nnx.replace_by_pure_dict(optimizer_state, restored.state["optimizer"])
         nnx.update(model, model_state)

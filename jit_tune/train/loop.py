@@ -77,18 +77,19 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
         with jax.set_mesh(mesh):
             while step < last_step:
                 local = next(data_iterator)
-                throughput.add(int((local["segment_ids"] > 0).sum()) * jax.process_count())
+                tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
                 metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh))
                 step += 1
                 if in_flight is not None:
                     _finish(*in_flight, writer, progress, schedule, throughput)
-                in_flight = (step, metrics, step % t.log_every == 0 or step == last_step)
+                in_flight = (step, metrics, tokens, step % t.log_every == 0 or step == last_step)
                 if step % t.checkpoint_every == 0 or step == last_step:
+                    # Checked before saving, so a non-finite loss never reaches a checkpoint.
+                    _finish(*in_flight, writer, progress, schedule, throughput)
+                    in_flight = None
                     checkpointer.save(step, model, optimizer, data_iterator)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
                     _evaluate(model, tokenizer, config, step, workdir, writer)
-            if in_flight is not None:
-                _finish(*in_flight, writer, progress, schedule, throughput)
             checkpointer.wait()
             if step < t.steps:
                 return None
@@ -115,9 +116,11 @@ class _Throughput:
         return rate
 
 
-def _finish(step: int, metrics, log: bool, writer: MetricsWriter, progress: tqdm, schedule, throughput) -> None:
+def _finish(step: int, metrics, tokens: int, log: bool, writer: MetricsWriter, progress: tqdm, schedule,
+            throughput: _Throughput) -> None:
     """Wait for a dispatched step; check and log its metrics on logging steps."""
     loss = float(metrics["loss"])  # blocks until the step is done
+    throughput.add(tokens)
     progress.update(1)
     if not np.isfinite(loss):
         raise FloatingPointError(f"step {step}: loss is {loss}; stopping (the last good checkpoint is kept)")

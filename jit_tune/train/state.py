@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from jit_tune import mesh as mesh_lib
@@ -30,4 +30,15 @@ def create_model_and_optimizer(config: ConfigDict, mesh: Mesh, abstract: bool = 
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.logical_rules(config)):
-        return nnx.eval_shape(create) if abstract else nnx.jit(create)()
+        if not abstract:
+            return nnx.jit(create)()
+        graphdef, state = nnx.split(nnx.eval_shape(create))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: _on_mesh(x, mesh), state))
+
+
+def _on_mesh(leaf, mesh: Mesh):
+    """eval_shape leaves carry shardings over an abstract mesh; a restore needs devices."""
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
+    spec = leaf.sharding.spec if isinstance(leaf.sharding, NamedSharding) else PartitionSpec()
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))

@@ -32,7 +32,7 @@ def loss_fn(model: Decoder, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax
 def train_step(model: Decoder, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     (loss, n_trained), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
     optimizer.update(model, grads)
-    return {"loss": loss, "trained_tokens": n_trained, "grad_norm": optax.global_norm(grads)}
+    return {"loss": loss, "trained_tokens": n_trained, "grad_norm": optax.tree.norm(grads)}
 
 
 @nnx.jit

@@ -90,6 +90,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                     checkpointer.save(step, model, optimizer, data_iterator)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
                     _evaluate(model, tokenizer, config, step, workdir, writer)
+            progress.close()
             checkpointer.wait()
             if step < t.steps:
                 return None

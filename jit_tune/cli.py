@@ -10,6 +10,7 @@ code 2, never a traceback; a run whose loss stops being finite ends with exit co
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         _parser().error(f"unrecognized arguments: {' '.join(unknown)}")
 
-    # Imported here so that `--help` and argument errors answer without loading JAX.
+    # jit_tune uses transformers for tokenizers only; its "PyTorch was not found" advice
+    # would mislead. Imported here so that `--help` answers without loading JAX.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from jit_tune.config import ConfigError
 
     try:

@@ -39,8 +39,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.head_dim = 32
     c.model.mlp_dim = 512
     c.model.rope_theta = 10_000.0
+    c.model.rope_scaling = "default"  # or "llama3" (with the four fields below)
+    c.model.rope_factor = 1.0
+    c.model.rope_low_freq_factor = 1.0
+    c.model.rope_high_freq_factor = 4.0
+    c.model.rope_original_max_position = 8192
     c.model.norm_eps = 1e-5
     c.model.tie_embeddings = False
+    c.model.qkv_bias = False
+    c.model.qk_norm = False
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
 
     c.data = ml_collections.ConfigDict()
@@ -208,6 +215,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("model.head_dim", m.head_dim % 2 == 0, "an even number (RoPE rotates pairs)")
     check("model.dtype", m.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.rope_theta", m.rope_theta > 0, "a positive number")
+    check("model.rope_scaling", m.rope_scaling in ("default", "llama3"), "'default' or 'llama3'")
     check("data.tokenizer", d.tokenizer == "builtin" or Path(d.tokenizer).is_dir(),
           "'builtin' or a directory holding a Hugging Face tokenizer")
     check("data.tokenizer_vocab_size", 256 + 8 <= d.tokenizer_vocab_size <= m.vocab_size,

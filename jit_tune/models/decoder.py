@@ -32,8 +32,16 @@ class DecoderConfig:
     head_dim: int
     mlp_dim: int
     rope_theta: float = 10_000.0
+    # "default", or "llama3": Llama 3.1's frequency-dependent stretch of the rotary base.
+    rope_scaling: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE
     dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
 
     @property
@@ -73,10 +81,27 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...]).astype(x.dtype)
 
 
-def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(config: DecoderConfig) -> jax.Array:
+    """Inverse frequencies [H/2], as transformers computes them for each rope type."""
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if config.rope_scaling == "llama3":
+        c = config
+        wavelen = 2 * jnp.pi / inv_freq
+        low_freq_wavelen = c.rope_original_max_position / c.rope_low_freq_factor
+        high_freq_wavelen = c.rope_original_max_position / c.rope_high_freq_factor
+        scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / c.rope_factor, inv_freq)
+        smooth = (c.rope_original_max_position / wavelen - c.rope_low_freq_factor) / (
+            c.rope_high_freq_factor - c.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotary embedding in the half-split layout Hugging Face Llama uses."""
-    h = x_BxLxNxH.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
     angles_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq
     cos = jnp.cos(angles_BxLxH2)[:, :, None, :]
     sin = jnp.sin(angles_BxLxH2)[:, :, None, :]
@@ -102,6 +127,13 @@ class Attention(nnx.Module):
         self.o_NxHxD = _param(
             rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), c.n_heads * c.head_dim
         )
+        if c.qkv_bias:
+            self.q_bias_NxH = nnx.Param(jnp.zeros((c.n_heads, c.head_dim)), out_sharding=("heads", "head_dim"))
+            self.k_bias_KxH = nnx.Param(jnp.zeros((c.n_kv_heads, c.head_dim)), out_sharding=("kv_heads", "head_dim"))
+            self.v_bias_KxH = nnx.Param(jnp.zeros((c.n_kv_heads, c.head_dim)), out_sharding=("kv_heads", "head_dim"))
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, slots_L, cache_kv=None):
         c = self.config
@@ -109,8 +141,15 @@ class Attention(nnx.Module):
         q = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.q_DxNxH[...].astype(dt))
         k = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.k_DxKxH[...].astype(dt))
         v = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.v_DxKxH[...].astype(dt))
-        q = apply_rope(q, positions_BxL, c.rope_theta)
-        k = apply_rope(k, positions_BxL, c.rope_theta)
+        if c.qkv_bias:
+            q = q + self.q_bias_NxH[...].astype(dt)
+            k = k + self.k_bias_KxH[...].astype(dt)
+            v = v + self.v_bias_KxH[...].astype(dt)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_frequencies(c)
+        q = apply_rope(q, positions_BxL, inv_freq)
+        k = apply_rope(k, positions_BxL, inv_freq)
 
         kv_segment, kv_slots, new_cache_kv = segment_ids_BxL, slots_L, None
         if cache_kv is not None:  # decoding: write this step's keys/values, attend to all

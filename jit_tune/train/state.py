@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.models.decoder import Decoder, DecoderConfig
+from jit_tune.models.loading import on_mesh
 from jit_tune.train.optimizer import make_optimizer
 
 
 def decoder_config(config: ConfigDict) -> DecoderConfig:
-    return DecoderConfig(**config.model.to_dict())
+    fields = {f.name for f in dataclasses.fields(DecoderConfig)}
+    return DecoderConfig(**{k: v for k, v in config.model.to_dict().items() if k in fields})
 
 
 def create_model_and_optimizer(config: ConfigDict, mesh: Mesh, abstract: bool = False):
@@ -33,12 +37,4 @@ def create_model_and_optimizer(config: ConfigDict, mesh: Mesh, abstract: bool = 
         if not abstract:
             return nnx.jit(create)()
         graphdef, state = nnx.split(nnx.eval_shape(create))
-    return nnx.merge(graphdef, jax.tree.map(lambda x: _on_mesh(x, mesh), state))
-
-
-def _on_mesh(leaf, mesh: Mesh):
-    """eval_shape leaves carry shardings over an abstract mesh; a restore needs devices."""
-    if not isinstance(leaf, jax.ShapeDtypeStruct):
-        return leaf
-    spec = leaf.sharding.spec if isinstance(leaf.sharding, NamedSharding) else PartitionSpec()
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: on_mesh(x, mesh), state))

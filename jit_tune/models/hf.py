@@ -1,0 +1,298 @@
+"""Hugging Face checkpoints in and out.
+
+config.json <-> DecoderConfig fields, and safetensors tensors <-> NNX params. Every HF
+field is either mapped, known to be metadata, or an error naming it: nothing that
+changes the computation is ignored silently.
+
+Import reads each tensor slice by slice: `jax.make_array_from_callback` asks for the
+block each local device holds, and only that block is read from the (memory-mapped)
+safetensors file, transposed into jit_tune's layout, and placed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jit_tune.models.decoder import DecoderConfig
+
+FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+# Fields that describe the checkpoint but do not change the forward pass.
+_METADATA = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
+    "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range", "use_cache",
+    "max_window_layers", "layer_types", "output_attentions", "output_hidden_states", "return_dict",
+    "_name_or_path", "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder",
+}
+
+
+class HFConfigError(ValueError):
+    pass
+
+
+def _rope(hf: dict, source: str) -> dict:
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
+    params.update({k: v for k, v in legacy.items() if k not in params})
+    kind = params.get("rope_type", params.get("type", "default"))
+    fields = {"rope_theta": float(params["rope_theta"]), "rope_scaling": kind}
+    if kind == "llama3":
+        fields.update(
+            rope_factor=float(params["factor"]),
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_position=int(params["original_max_position_embeddings"]),
+        )
+    elif kind != "default":
+        raise HFConfigError(f"{source}: rope type {kind!r} is not supported (supported: default, llama3)")
+    return fields
+
+
+def decoder_fields_from_hf(hf: dict, source: str) -> dict:
+    """config.model fields for a HF config.json; an error for anything unsupported."""
+    archs = hf.get("architectures") or []
+    family = FAMILIES.get(archs[0] if archs else "")
+    if family is None:
+        raise HFConfigError(f"{source}: architectures = {archs}: expected one of {sorted(FAMILIES)}")
+
+    def expect(field: str, ok: Callable[[object], bool], expected: str):
+        if field in hf and not ok(hf[field]):
+            raise HFConfigError(f"{source}: {field} = {hf[field]!r}: jit_tune supports only {expected}")
+
+    expect("hidden_act", lambda v: v == "silu", "silu")
+    expect("mlp_bias", lambda v: not v, "false")
+    expect("attention_bias", lambda v: not v, "false (no bias on the o projection or in Llama attention)")
+    expect("attention_dropout", lambda v: v == 0, "0.0 (no attention dropout)")
+    expect("pretraining_tp", lambda v: v == 1, "1")
+    expect("sliding_window", lambda v: v is None or not hf.get("use_sliding_window", family == "mistral"),
+           "null (sliding-window attention is not implemented for this family yet)")
+    expect("use_sliding_window", lambda v: not v, "false")
+    heads = hf["num_attention_heads"]
+    fields = {
+        "vocab_size": hf["vocab_size"],
+        "d_model": hf["hidden_size"],
+        "n_layers": hf["num_hidden_layers"],
+        "n_heads": heads,
+        "n_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
+        "mlp_dim": hf["intermediate_size"],
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "qkv_bias": family == "qwen2",
+        "qk_norm": family == "qwen3",
+        **_rope(hf, source),
+    }
+    handled = {
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "rope_theta", "rope_scaling",
+        "rope_parameters", "hidden_act", "mlp_bias", "attention_bias", "attention_dropout", "pretraining_tp",
+        "sliding_window", "use_sliding_window",
+    }
+    unknown = sorted(set(hf) - handled - _METADATA)
+    if unknown:
+        raise HFConfigError(f"{source}: fields {unknown} are not supported by jit_tune's {family} implementation")
+    return fields
+
+
+def hf_config_from_decoder(config: DecoderConfig, family: str, special_ids: dict) -> dict:
+    """A config.json transformers loads as the same model."""
+    arch = {v: k for k, v in FAMILIES.items()}[family]
+    rope = {"rope_type": config.rope_scaling, "rope_theta": config.rope_theta}
+    if config.rope_scaling == "llama3":
+        rope.update(factor=config.rope_factor, low_freq_factor=config.rope_low_freq_factor,
+                    high_freq_factor=config.rope_high_freq_factor,
+                    original_max_position_embeddings=config.rope_original_max_position)
+    return {
+        "architectures": [arch],
+        "model_type": family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.mlp_dim,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "rope_parameters": rope,
+        "rope_theta": config.rope_theta,
+        "dtype": "float32",
+        **special_ids,
+    }
+
+
+# ------------------------------------------------------------------------ weights
+# Each param: (HF tensor name, layout). "same": our array is the HF tensor reshaped.
+# "in": HF [out..., in] weight of a projection read as ours [in, out...];
+# "out": HF [out, in...] read as ours [in..., out]. Both are W.T reshaped.
+
+
+def weight_names(config: DecoderConfig) -> dict[tuple, tuple[str, str]]:
+    names = {("embed_VxD",): ("model.embed_tokens.weight", "same"), ("final_norm", "scale"): ("model.norm.weight", "same")}
+    if not config.tie_embeddings:
+        names[("unembed_DxV",)] = ("lm_head.weight", "in")
+    for i in range(config.n_layers):
+        p, b = f"model.layers.{i}.", ("blocks", i)
+        names[b + ("attn_norm", "scale")] = (p + "input_layernorm.weight", "same")
+        names[b + ("mlp_norm", "scale")] = (p + "post_attention_layernorm.weight", "same")
+        for ours, theirs in (("q_DxNxH", "q_proj"), ("k_DxKxH", "k_proj"), ("v_DxKxH", "v_proj")):
+            names[b + ("attn", ours)] = (f"{p}self_attn.{theirs}.weight", "in")
+        names[b + ("attn", "o_NxHxD")] = (p + "self_attn.o_proj.weight", "out")
+        if config.qkv_bias:
+            for ours, theirs in (("q_bias_NxH", "q_proj"), ("k_bias_KxH", "k_proj"), ("v_bias_KxH", "v_proj")):
+                names[b + ("attn", ours)] = (f"{p}self_attn.{theirs}.bias", "same")
+        if config.qk_norm:
+            names[b + ("attn", "q_norm", "scale")] = (p + "self_attn.q_norm.weight", "same")
+            names[b + ("attn", "k_norm", "scale")] = (p + "self_attn.k_norm.weight", "same")
+        names[b + ("mlp", "gate_DxF")] = (p + "mlp.gate_proj.weight", "in")
+        names[b + ("mlp", "up_DxF")] = (p + "mlp.up_proj.weight", "in")
+        names[b + ("mlp", "down_FxD")] = (p + "mlp.down_proj.weight", "out")
+    return names
+
+
+def _covering(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, tuple[slice, ...]]:
+    """For a block of an array whose leading dims are flattened in the file: the range
+    of the flattened axis that covers the block, and the slices left to apply after."""
+    first = index[0].indices(shape[0])
+    inner = math.prod(shape[1:])
+    return slice(first[0] * inner, first[1] * inner), (slice(None),) + tuple(index[1:])
+
+
+def read_block(file_slice, layout: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """The block `index` of our param of `shape`, read from the HF tensor `file_slice`."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if layout == "same":
+        if len(file_slice.get_shape()) == len(shape):
+            return np.asarray(file_slice[index])
+        rows, rest = _covering(index, shape)
+        block = np.asarray(file_slice[rows])
+        return block.reshape((-1,) + shape[1:])[rest]
+    if layout == "in":  # file [prod(shape[1:]), shape[0]]
+        rows, rest = _covering(index[1:], shape[1:])
+        block = np.asarray(file_slice[rows, index[0]]).T
+        return block.reshape((block.shape[0], -1) + shape[2:])[(slice(None),) + rest]
+    # "out": file [shape[-1], prod(shape[:-1])]
+    cols, rest = _covering(index[:-1], shape[:-1])
+    block = np.asarray(file_slice[index[-1], cols]).T
+    return block.reshape((-1,) + shape[1:-1] + (block.shape[-1],))[rest + (slice(None),)]
+
+
+def to_hf_layout(array: np.ndarray, layout: str, hf_shape: tuple[int, ...]) -> np.ndarray:
+    if layout == "same":
+        return array.reshape(hf_shape)
+    if layout == "in":
+        return array.reshape(array.shape[0], -1).T
+    return array.reshape(-1, array.shape[-1]).T
+
+
+class SafetensorsCheckpoint:
+    """Tensor name -> lazily sliceable tensor, over a single or sharded checkpoint."""
+
+    def __init__(self, directory: Path):
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (directory / "model.safetensors").is_file():
+            with safe_open(directory / "model.safetensors", framework="flax") as f:
+                weight_map = {name: "model.safetensors" for name in f.keys()}
+        else:
+            raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        self.directory, self.weight_map = directory, weight_map
+        self._files = {}
+
+    def slice(self, name: str):
+        if name not in self.weight_map:
+            raise KeyError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
+        file = self.weight_map[name]
+        if file not in self._files:
+            self._files[file] = safe_open(self.directory / file, framework="flax")
+        return self._files[file].get_slice(name)
+
+
+def load_params(directory: Path, config: DecoderConfig, abstract_params: dict) -> dict:
+    """Arrays for the pure-dict of abstract params (ShapeDtypeStructs with shardings),
+    each process reading only the blocks its devices hold."""
+    checkpoint = SafetensorsCheckpoint(directory)
+    names = weight_names(config)
+
+    def load(path, leaf):
+        name, layout = names[path]
+        file_slice = checkpoint.slice(name)
+        return jax.make_array_from_callback(
+            leaf.shape, leaf.sharding, lambda index: read_block(file_slice, layout, leaf.shape, index).astype(leaf.dtype)
+        )
+
+    flat = _flatten(abstract_params)
+    return _unflatten({path: load(path, leaf) for path, leaf in flat.items()})
+
+
+def save_params(params: dict, config: DecoderConfig, directory: Path, max_shard_bytes: int = 2 << 30) -> None:
+    """Safetensors shards plus model.safetensors.index.json, in the HF layout."""
+    names = weight_names(config)
+    tensors = {}
+    for path, value in _flatten(params).items():
+        name, layout = names[path]
+        array = np.asarray(jax.device_get(value), np.float32)
+        hf_shape = _hf_shape(array.shape, layout, name)
+        tensors[name] = np.ascontiguousarray(to_hf_layout(array, layout, hf_shape))
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        if current and size + tensors[name].nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += tensors[name].nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(Path(directory) / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(directory) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _hf_shape(shape: tuple[int, ...], layout: str, name: str) -> tuple[int, ...]:
+    if layout == "same":
+        return (math.prod(shape),) if name.endswith(".bias") else shape
+    if layout == "in":
+        return (math.prod(shape[1:]), shape[0])
+    return (shape[-1], math.prod(shape[:-1]))
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    """{path: leaf}, with list indices as ints however the tree spelled them."""
+    flat = {}
+    for key, value in tree.items():
+        key = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(value, dict):
+            flat.update(_flatten(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def _unflatten(flat: dict[tuple, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree

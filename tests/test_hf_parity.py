@@ -1,0 +1,139 @@
+"""Logit parity with transformers' PyTorch models (random weights), import and export.
+
+Configs are the real architectures' config.json values scaled down in width and depth,
+keeping head_dim, the GQA ratio, rope settings, norms and biases.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jit_tune.mesh import AXES  # noqa: E402
+from jit_tune.models import hf  # noqa: E402
+from jit_tune.models.loading import export_hf_decoder, load_hf_decoder  # noqa: E402
+
+RULES = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
+         ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None), ("norm", None))
+COMMON = dict(vocab_size=320, num_hidden_layers=2, intermediate_size=192, max_position_embeddings=4096)
+FAMILIES = {
+    # Llama 2 7B: MHA, head_dim 128, theta 1e4, eps 1e-5, untied.
+    "llama2": ("LlamaConfig", dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2, head_dim=128,
+                                   rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    # Llama 3.1 8B: GQA 4:1, head_dim 128, theta 5e5, llama3 rope scaling.
+    "llama3.1": ("LlamaConfig", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+                                     rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                     rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                          low_freq_factor=1.0, high_freq_factor=4.0,
+                                                          original_max_position_embeddings=8192))),
+    # Llama 3.2 1B: GQA 4:1, head_dim 64, llama3 rope (factor 32), tied embeddings.
+    "llama3.2": ("LlamaConfig", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                                     rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                     rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0,
+                                                          low_freq_factor=1.0, high_freq_factor=4.0,
+                                                          original_max_position_embeddings=8192))),
+    # Mistral 7B v0.3: GQA 4:1, head_dim 128, theta 1e6, no sliding window.
+    "mistral": ("MistralConfig", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+                                      rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None)),
+    # Qwen2.5 0.5B: GQA 7:1, head_dim 64, qkv bias, theta 1e6, tied.
+    "qwen2.5": ("Qwen2Config", dict(hidden_size=128, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                                    rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    # Qwen3 0.6B: GQA 2:1, head_dim 128, q/k norm, theta 1e6, tied.
+    "qwen3": ("Qwen3Config", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                  rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+}
+
+
+def _hf_model(family, directory):
+    config_class, fields = FAMILIES[family]
+    config = getattr(transformers, config_class)(**COMMON, **fields)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # weights large enough that a layout slip shows in the logits
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+def _mesh(devices=None):
+    devices = jax.devices()[:1] if devices is None else devices
+    shape = (1, len(devices), 1)  # fsdp: every family's d_model divides by 8
+    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def _tokens(n=11, seed=0):
+    return np.random.default_rng(seed).integers(0, COMMON["vocab_size"], size=n)
+
+
+def _hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)[None]).logits[0].numpy()
+
+
+def _our_logits(model, tokens, positions=None, segments=None):
+    n = len(tokens)
+    positions = np.arange(n) if positions is None else positions
+    segments = np.ones(n, np.int32) if segments is None else segments
+    logits, _ = model(jnp.asarray(tokens)[None], jnp.asarray(positions)[None], jnp.asarray(segments)[None])
+    return np.asarray(logits[0])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_match_transformers(family, tmp_path):
+    reference = _hf_model(family, tmp_path)
+    ours = load_hf_decoder(tmp_path, _mesh(), RULES)
+    tokens = _tokens()
+    expected = _hf_logits(reference, tokens)
+    assert np.abs(expected).max() > 1.0  # the comparison is not between near-zero logits
+    np.testing.assert_array_less(np.abs(_our_logits(ours, tokens) - expected).max(), 1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama3.2", "qwen2.5"])
+def test_packed_row_matches_each_example_in_transformers(family, tmp_path):
+    reference = _hf_model(family, tmp_path)
+    ours = load_hf_decoder(tmp_path, _mesh(), RULES)
+    examples = [_tokens(n, seed) for seed, n in enumerate((6, 9, 4))]
+    row = np.concatenate(examples)
+    segments = np.concatenate([np.full(len(e), i + 1) for i, e in enumerate(examples)])
+    positions = np.concatenate([np.arange(len(e)) for e in examples])
+    packed = _our_logits(ours, row, positions, segments)
+    start = 0
+    for example in examples:
+        got = packed[start: start + len(example)]
+        np.testing.assert_array_less(np.abs(got - _hf_logits(reference, example)).max(), 1e-4)
+        start += len(example)
+
+
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2.5", "qwen3"])
+def test_import_sharded_over_8_devices_then_export_reloads_in_transformers(family, tmp_path):
+    reference = _hf_model(family, tmp_path / "in")
+    ours = load_hf_decoder(tmp_path / "in", _mesh(jax.devices()), RULES)
+    assert len(ours.blocks[0].mlp.gate_DxF[...].sharding.device_set) == 8  # really sharded
+    tokens = _tokens()
+    np.testing.assert_array_less(np.abs(_our_logits(ours, tokens) - _hf_logits(reference, tokens)).max(), 1e-4)
+
+    hf_family = json.loads((tmp_path / "in/config.json").read_text())["model_type"]
+    export_hf_decoder(ours, tmp_path / "out", hf_family)
+    assert (tmp_path / "out/model.safetensors.index.json").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    np.testing.assert_array_less(np.abs(_hf_logits(reloaded, tokens) - _hf_logits(reference, tokens)).max(), 1e-5)
+
+
+def test_unsupported_hf_field_is_an_error_naming_it():
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+              "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 100, "hidden_act": "silu"}
+    assert hf.decoder_fields_from_hf(config, "x")["head_dim"] == 16
+    with pytest.raises(hf.HFConfigError, match=r"x/config.json: fields \['some_new_knob'\] are not supported"):
+        hf.decoder_fields_from_hf({**config, "some_new_knob": 3}, "x/config.json")
+    with pytest.raises(hf.HFConfigError, match="hidden_act = 'gelu': jit_tune supports only silu"):
+        hf.decoder_fields_from_hf({**config, "hidden_act": "gelu"}, "x")
+    with pytest.raises(hf.HFConfigError, match="architectures = \\['GPT2LMHeadModel'\\]"):
+        hf.decoder_fields_from_hf({**config, "architectures": ["GPT2LMHeadModel"]}, "x")
+    with pytest.raises(hf.HFConfigError, match="sliding_window = 4096"):
+        hf.decoder_fields_from_hf({**config, "architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "x")

@@ -1,26 +1,54 @@
-"""The Python API the CLI, notebooks and tests share."""
+"""The Python API the CLI, notebooks and tests share.
+
+    from jit_tune import api
+    model, tokenizer = api.load_hf("path/to/hf_dir")            # or api.load_workdir("runs/x")
+    logits = api.logits(model, input_ids, positions, segment_ids)
+    print(api.generate_text(model, tokenizer, ["Sort these words: owl cake"]))
+    api.export_workdir("runs/x", "out/hf_dir")                   # transformers loads out/hf_dir
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+
+from transformers import AutoTokenizer, GenerationConfig
 
 from jit_tune import mesh as mesh_lib
-from jit_tune.config import ConfigError, apply_override, config_from_dict, load_config, validate
+from jit_tune.config import ConfigError, apply_override, config_from_dict, default_config, load_config, validate
+from jit_tune.data.render import prompt_ids
 from jit_tune.data.tokenizer import get_tokenizer
 from jit_tune.eval import evaluator
+from jit_tune.eval.decode import generate
+from jit_tune.models.decoder import Decoder
+from jit_tune.models.loading import export_hf_decoder, load_hf_decoder
 from jit_tune.train.checkpoint import Checkpointer
 from jit_tune.train.loop import train
 from jit_tune.train.state import create_model_and_optimizer
 
-__all__ = ["load_config", "train", "load_workdir", "evaluate_workdir"]
+__all__ = ["load_config", "train", "load_hf", "load_workdir", "logits", "generate_text", "export_workdir",
+           "evaluate_workdir"]
 
 
-def load_workdir(workdir: Path, overrides: list[str] = ()):
-    """(config, tokenizer, model) from a workdir's config.json and latest checkpoint."""
-    config_path = Path(workdir) / "config.json"
+def _default_mesh():
+    return mesh_lib.make_mesh(default_config())
+
+
+def load_hf(directory: str | Path, mesh=None, dtype: str = "float32"):
+    """(model, tokenizer) from a Hugging Face dir, sharded by the default rules on `mesh`."""
+    mesh = mesh or _default_mesh()
+    model = load_hf_decoder(directory, mesh, mesh_lib.logical_rules(default_config()), dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+def load_workdir(workdir: str | Path, overrides: Sequence[str] = ()):
+    """(config, tokenizer, model, step, mesh) from a workdir's config.json and latest checkpoint."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no such file; is {workdir} a jit-tune workdir?")
     config = config_from_dict(json.loads(config_path.read_text()), str(config_path))
@@ -29,7 +57,7 @@ def load_workdir(workdir: Path, overrides: list[str] = ()):
         apply_override(config, item)
     config.lock()
     validate(config, str(config_path))
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints", config.train.keep_checkpoints)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
     step = checkpointer.latest_step()
     if step is None:
         raise ConfigError(f"{workdir}/checkpoints: no checkpoint to load")
@@ -42,10 +70,52 @@ def load_workdir(workdir: Path, overrides: list[str] = ()):
     return config, tokenizer, model, step, mesh
 
 
-def evaluate_workdir(workdir: Path, overrides: list[str] = ()) -> dict:
+def logits(model: Decoder, input_ids, positions=None, segment_ids=None) -> jax.Array:
+    """Float32 logits [B, L, V]; positions default to 0..L-1 and segments to one per row."""
+    input_ids = jnp.asarray(input_ids)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(input_ids)
+    return model(input_ids, jnp.asarray(positions), jnp.asarray(segment_ids))[0]
+
+
+def generate_text(model: Decoder, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  stop: Sequence[str] = ()) -> list[str]:
+    """Replies to user prompts, rendered with the tokenizer's chat template; each reply
+    ends at EOS, at `max_new_tokens`, or before the first of the `stop` strings."""
+    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outs = generate(model, ids, max_new_tokens, tokenizer.eos_token_id, pad, batch=len(ids),
+                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    texts = [tokenizer.decode(out, skip_special_tokens=True) for out in outs]
+    for s in stop:
+        texts = [t.split(s, 1)[0] for t in texts]
+    return texts
+
+
+def export_workdir(workdir: str | Path, out: str | Path) -> Path:
+    """A Hugging Face dir of the latest checkpoint: config.json, safetensors shards with an
+    index, the tokenizer with the chat template used in training, generation_config.json."""
+    config, tokenizer, model, step, _ = load_workdir(workdir)
+    out = Path(out)
+    special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+               "bos_token_id": tokenizer.bos_token_id}
+    special = {k: v for k, v in special.items() if v is not None}
+    if jax.process_index() == 0:
+        export_hf_decoder(model, out, config.model.family, special)
+        tokenizer.save_pretrained(out)
+        GenerationConfig(**special).save_pretrained(out)
+    return out
+
+
+def evaluate_workdir(workdir: Path, overrides: Sequence[str] = ()) -> dict:
     config, tokenizer, model, step, mesh = load_workdir(workdir, overrides)
     with jax.set_mesh(mesh):
         results = evaluator.evaluate(model, tokenizer, config)
     evaluator.print_table(results, step)
     evaluator.save_results(results, step, workdir)
     return results
+
+

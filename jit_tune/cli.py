@@ -2,6 +2,8 @@
 
     jit-tune train --config configs/tiny.py --workdir runs/tiny --config.optimizer.lr=3e-4
     jit-tune eval  --workdir runs/tiny
+    jit-tune export --workdir runs/tiny --out runs/tiny/hf
+    jit-tune generate --workdir runs/tiny --prompt "Sort these words: owl cake"     (or --hf DIR)
 
 User mistakes (a bad config, a missing file) end with a one-paragraph message and exit
 code 2, never a traceback; a run whose loss stops being finite ends with exit code 3.
@@ -23,6 +25,20 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="run directory; running again resumes from it")
     evaluate = verbs.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     evaluate.add_argument("--workdir", required=True)
+    export = verbs.add_parser("export", help="write the latest checkpoint as a Hugging Face model dir")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True)
+    gen = verbs.add_parser("generate", help="reply to a prompt through the chat template")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a jit-tune workdir (its latest checkpoint)")
+    source.add_argument("--hf", help="a Hugging Face model dir")
+    gen.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     return parser
 
 
@@ -49,6 +65,21 @@ def main(argv: list[str] | None = None) -> int:
             from jit_tune.api import evaluate_workdir
 
             evaluate_workdir(Path(args.workdir), overrides)
+        elif args.verb == "export":
+            from jit_tune.api import export_workdir
+
+            print(f"wrote {export_workdir(args.workdir, args.out)}")
+        elif args.verb == "generate":
+            from jit_tune import api
+
+            if args.workdir:
+                _, tokenizer, model, _, _ = api.load_workdir(args.workdir, overrides)
+            else:
+                model, tokenizer = api.load_hf(args.hf)
+            replies = api.generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                                        args.top_k, args.top_p, args.seed, args.stop)
+            for prompt, reply in zip(args.prompt, replies):
+                print(f"> {prompt}\n{reply}")
     except (ConfigError, FileNotFoundError) as e:
         print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
         return 2

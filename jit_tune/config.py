@@ -31,6 +31,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0  # everything random derives from this and the step
 
     c.model = ml_collections.ConfigDict()
+    # A Hugging Face model dir to start from: its config.json sets the architecture
+    # fields below, its safetensors the weights, its tokenizer the tokenizer.
+    c.model.init_from = ""
+    c.model.family = "llama"  # the HF model_type written on export
     c.model.vocab_size = 512  # must cover the tokenizer; checked once it is loaded
     c.model.d_model = 192
     c.model.n_layers = 4
@@ -126,8 +130,29 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     for item in overrides:
         key = apply_override(config, item)
         sources[key] = f"command line {item}"
+    if config.model.init_from:
+        _take_architecture_from_hf(config, sources.get("model.init_from") or path)
     validate(config, path, sources)
     return config
+
+
+def _take_architecture_from_hf(config: ml_collections.ConfigDict, where: str) -> None:
+    """The model section follows the HF checkpoint; the tokenizer comes from it too."""
+    from jit_tune.models.hf import HFConfigError, decoder_fields_from_hf
+
+    hf_config = Path(config.model.init_from) / "config.json"
+    if not hf_config.is_file():
+        raise ConfigError(f"{where}: config.model.init_from = {config.model.init_from!r}: expected a "
+                          "Hugging Face model directory with a config.json")
+    values = json.loads(hf_config.read_text())
+    try:
+        config.model.update(decoder_fields_from_hf(values, str(hf_config)))
+    except HFConfigError as e:
+        raise ConfigError(str(e)) from None
+    config.model.family = values.get("model_type", config.model.family)
+    if config.data.tokenizer == "builtin":
+        config.data.tokenizer = config.model.init_from
+        config.data.tokenizer_vocab_size = config.model.vocab_size
 
 
 def _readable(error: AttributeError) -> str:
@@ -218,6 +243,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("model.rope_scaling", m.rope_scaling in ("default", "llama3"), "'default' or 'llama3'")
     check("data.tokenizer", d.tokenizer == "builtin" or Path(d.tokenizer).is_dir(),
           "'builtin' or a directory holding a Hugging Face tokenizer")
+    check("model.family", m.family in ("llama", "mistral", "qwen2", "qwen3"), "llama, mistral, qwen2 or qwen3")
     check("data.tokenizer_vocab_size", 256 + 8 <= d.tokenizer_vocab_size <= m.vocab_size,
           f"between 264 (bytes + special tokens) and model.vocab_size ({m.vocab_size})")
     unknown = sorted(set(d.mixture.keys()) - set(builtin_tasks.TASKS_BY_NAME))

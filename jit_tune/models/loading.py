@@ -35,9 +35,12 @@ def on_mesh(leaf, mesh: Mesh):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
 
 
-def load_hf_decoder(directory: str | Path, mesh: Mesh, rules, dtype: str = "float32") -> Decoder:
-    """A Decoder with the weights of a HF checkpoint dir, each process reading its shards."""
-    config = decoder_config_from_hf_dir(directory, dtype)
+def load_hf_decoder(
+    directory: str | Path, mesh: Mesh, rules, config: DecoderConfig | None = None, dtype: str = "float32"
+) -> Decoder:
+    """A Decoder with the weights of a HF checkpoint dir, each process reading its shards.
+    `config` defaults to the one mapped from the directory's config.json."""
+    config = config or decoder_config_from_hf_dir(directory, dtype)
     model = abstract_decoder(config, mesh, rules)
     state = nnx.state(model)
     params = hf.load_params(Path(directory), config, nnx.to_pure_dict(state))

@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.models.decoder import Decoder, DecoderConfig
-from jit_tune.models.loading import on_mesh
+from jit_tune.models.loading import load_hf_decoder, on_mesh
 from jit_tune.train.optimizer import make_optimizer
 
 
@@ -33,8 +33,12 @@ def create_model_and_optimizer(config: ConfigDict, mesh: Mesh, abstract: bool = 
         model = Decoder(model_config, rngs=nnx.Rngs(config.seed))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.logical_rules(config)):
-        if not abstract:
+    rules = mesh_lib.logical_rules(config)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        if not abstract and not config.model.init_from:
             return nnx.jit(create)()
+        if not abstract:  # weights from a HF checkpoint, read shard by shard
+            model = load_hf_decoder(config.model.init_from, mesh, rules, model_config)
+            return model, nnx.jit(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param))(model)
         graphdef, state = nnx.split(nnx.eval_shape(create))
     return nnx.merge(graphdef, jax.tree.map(lambda x: on_mesh(x, mesh), state))

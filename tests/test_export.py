@@ -1,0 +1,67 @@
+"""A jit-tune run in and out of the Hugging Face format, through the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jit_tune import api  # noqa: E402
+from jit_tune.cli import main  # noqa: E402
+
+
+def test_export_of_a_run_loads_in_transformers_with_its_chat_template(tmp_path, capsys):
+    workdir, out = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir)]) == 0
+    assert main(["export", "--workdir", str(workdir), "--out", str(out)]) == 0
+    for name in ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "Sort these words: owl cake"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|user|>Sort these words: owl cake<|assistant|>"
+    _, _, model, _, _ = api.load_workdir(workdir)
+    ids = np.asarray([tokenizer(rendered, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        expected = reference(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(api.logits(model, ids)) - expected).max() < 1e-4
+
+    capsys.readouterr()
+    assert main(["generate", "--hf", str(out), "--prompt", "Sort these words: owl cake", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("> Sort these words: owl cake\n")
+
+
+def test_training_starts_from_a_hf_checkpoint(tmp_path):
+    from jit_tune.config import load_config
+    from jit_tune.data.tokenizer import train_builtin_tokenizer
+    from jit_tune.train.loop import setup
+
+    hf_dir = tmp_path / "hf"
+    tokenizer = train_builtin_tokenizer(512, seed=0)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    reference.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+
+    config = load_config("configs/tiny.py:smoke", [f"--config.model.init_from={hf_dir}", "--config.train.steps=3"])
+    assert config.model.d_model == 64 and config.model.tie_embeddings and config.data.tokenizer == str(hf_dir)
+    tokenizer, mesh, model, *_ = setup(config, tmp_path / "run")
+    ids = np.asarray([tokenizer("Sort these words: owl cake")["input_ids"]])
+    with torch.no_grad():
+        expected = reference(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(api.logits(model, ids)) - expected).max() < 1e-4
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    assert saved["model"]["init_from"] == str(hf_dir) and saved["model"]["d_model"] == 64
+
+
+def test_init_from_a_directory_without_config_is_a_clear_error(tmp_path):
+    from jit_tune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="command line --config.model.init_from=.*expected a Hugging Face model"):
+        load_config("configs/tiny.py", [f"--config.model.init_from={tmp_path}"])

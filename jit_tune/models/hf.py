@@ -5,20 +5,21 @@ field is either mapped, known to be metadata, or an error naming it: nothing tha
 changes the computation is ignored silently.
 
 Import reads each tensor slice by slice: `jax.make_array_from_callback` asks for the
-block each local device holds, and only that block is read from the (memory-mapped)
-safetensors file, transposed into jit_tune's layout, and placed.
+block each local device holds, and only that block is read from the safetensors file
+(with pread, see TensorSlicer), transposed into jit_tune's layout, and placed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jit_tune.models.decoder import DecoderConfig
@@ -199,6 +200,41 @@ def to_hf_layout(array: np.ndarray, layout: str, hf_shape: tuple[int, ...]) -> n
     return array.reshape(-1, array.shape[-1]).T
 
 
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_CHUNK_BYTES = 8 << 20  # rows are read this much at a time, then cut to the block
+
+
+class TensorSlicer:
+    """Blocks of one tensor in a safetensors file, read with pread: only the requested
+    bytes (plus at most one chunk of rows) ever enter the process. Memory-mapping would
+    page whole rows in, so a column block would cost the whole tensor in resident memory."""
+
+    def __init__(self, path: Path, dtype: str, shape: list[int], offset: int):
+        if dtype not in _DTYPES:
+            raise ValueError(f"{path}: dtype {dtype} is not supported (expected one of {sorted(_DTYPES)})")
+        self.path, self.dtype, self.shape, self.offset = path, np.dtype(_DTYPES[dtype]), tuple(shape), offset
+
+    def get_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        bounds = [s.indices(n)[:2] for s, n in zip(index, self.shape)] + [(0, n) for n in self.shape[len(index):]]
+        (r0, r1), cols = bounds[0], bounds[1:]
+        row_items = math.prod(self.shape[1:])
+        out = np.empty((r1 - r0,) + tuple(b - a for a, b in cols), self.dtype)
+        chunk = max(1, _CHUNK_BYTES // max(row_items * self.dtype.itemsize, 1))
+        with open(self.path, "rb") as f:
+            for start in range(r0, r1, chunk):
+                stop = min(start + chunk, r1)
+                raw = os.pread(f.fileno(), (stop - start) * row_items * self.dtype.itemsize,
+                               self.offset + start * row_items * self.dtype.itemsize)
+                rows = np.frombuffer(raw, self.dtype).reshape((stop - start,) + self.shape[1:])
+                out[start - r0: stop - r0] = rows[(slice(None),) + tuple(slice(a, b) for a, b in cols)]
+        return out
+
+
 class SafetensorsCheckpoint:
     """Tensor name -> lazily sliceable tensor, over a single or sharded checkpoint."""
 
@@ -206,22 +242,26 @@ class SafetensorsCheckpoint:
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (directory / "model.safetensors").is_file():
-            with safe_open(directory / "model.safetensors", framework="flax") as f:
-                weight_map = {name: "model.safetensors" for name in f.keys()}
+            files = ["model.safetensors"]
         else:
             raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-        self.directory, self.weight_map = directory, weight_map
-        self._files = {}
+        self.directory = directory
+        self.tensors = {}
+        for file in files:
+            with open(directory / file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    begin = 8 + header_len + info["data_offsets"][0]
+                    self.tensors[name] = TensorSlicer(directory / file, info["dtype"], info["shape"], begin)
 
-    def slice(self, name: str):
-        if name not in self.weight_map:
+    def slice(self, name: str) -> TensorSlicer:
+        if name not in self.tensors:
             raise KeyError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
-        file = self.weight_map[name]
-        if file not in self._files:
-            self._files[file] = safe_open(self.directory / file, framework="flax")
-        return self._files[file].get_slice(name)
+        return self.tensors[name]
 
 
 def load_params(directory: Path, config: DecoderConfig, abstract_params: dict) -> dict:

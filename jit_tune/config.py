@@ -52,6 +52,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = False
     c.model.qkv_bias = False
     c.model.qk_norm = False
+    # Gemma switches (see models/decoder.py); filled from config.json on init_from.
+    c.model.norm_offset = 0.0
+    c.model.embed_scale = False
+    c.model.post_norms = False
+    c.model.mlp_activation = "silu"
+    c.model.attn_softcap = 0.0
+    c.model.final_softcap = 0.0
+    c.model.query_pre_attn_scalar = 0.0
+    c.model.sliding_window = 0
+    c.model.layer_types = ()
+    c.model.rope_local_theta = 0.0
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
 
     c.data = ml_collections.ConfigDict()
@@ -240,10 +251,14 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("model.head_dim", m.head_dim % 2 == 0, "an even number (RoPE rotates pairs)")
     check("model.dtype", m.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.rope_theta", m.rope_theta > 0, "a positive number")
-    check("model.rope_scaling", m.rope_scaling in ("default", "llama3"), "'default' or 'llama3'")
+    check("model.rope_scaling", m.rope_scaling in ("default", "linear", "llama3"), "'default', 'linear' or 'llama3'")
+    check("model.mlp_activation", m.mlp_activation in ("silu", "gelu_tanh"), "'silu' or 'gelu_tanh'")
+    check("model.layer_types", not m.layer_types or (len(m.layer_types) == m.n_layers
+          and set(m.layer_types) <= {"full", "sliding"}), "empty, or 'full'/'sliding' for each of model.n_layers")
     check("data.tokenizer", d.tokenizer == "builtin" or Path(d.tokenizer).is_dir(),
           "'builtin' or a directory holding a Hugging Face tokenizer")
-    check("model.family", m.family in ("llama", "mistral", "qwen2", "qwen3"), "llama, mistral, qwen2 or qwen3")
+    check("model.family", m.family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"),
+          "llama, mistral, qwen2, qwen3, gemma2 or gemma3_text")
     check("data.tokenizer_vocab_size", 256 + 8 <= d.tokenizer_vocab_size <= m.vocab_size,
           f"between 264 (bytes + special tokens) and model.vocab_size ({m.vocab_size})")
     unknown = sorted(set(d.mixture.keys()) - set(builtin_tasks.TASKS_BY_NAME))

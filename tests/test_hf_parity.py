@@ -46,12 +46,30 @@ FAMILIES = {
     # Qwen3 0.6B: GQA 2:1, head_dim 128, q/k norm, theta 1e6, tied.
     "qwen3": ("Qwen3Config", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
                                   rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    # Mistral with its sliding window (v0.1), shrunk to 4 so 11-token inputs exercise it.
+    "mistral-sliding": ("MistralConfig", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
+                                              head_dim=128, rope_theta=1e4, rms_norm_eps=1e-5, sliding_window=4)),
+    # Gemma 2 2B: GQA 2:1, head_dim 256, query_pre_attn_scalar 256, soft-caps 50 / 30,
+    # local/global alternation; window shrunk from 4096 to 4 so the test sees it.
+    "gemma2": ("Gemma2Config", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
+                                    query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                                    final_logit_softcapping=30.0, sliding_window=4, rms_norm_eps=1e-6,
+                                    num_hidden_layers=2)),
+    # Gemma 3 4B: GQA 2:1, head_dim 256, q/k norm, 5 local : 1 global layers, local rope
+    # base 1e4, global 1e6 with linear scaling 8; window shrunk from 1024 to 4.
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=256, query_pre_attn_scalar=256, sliding_window=4,
+                                        rms_norm_eps=1e-6, num_hidden_layers=6,
+                                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                            "rope_theta": 1e6},
+                                                         "sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": 1e4}})),
 }
 
 
 def _hf_model(family, directory):
     config_class, fields = FAMILIES[family]
-    config = getattr(transformers, config_class)(**COMMON, **fields)
+    config = getattr(transformers, config_class)(**{**COMMON, **fields})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # weights large enough that a layout slip shows in the logits
@@ -94,7 +112,7 @@ def test_logits_match_transformers(family, tmp_path):
     np.testing.assert_array_less(np.abs(_our_logits(ours, tokens) - expected).max(), 1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama3.2", "qwen2.5"])
+@pytest.mark.parametrize("family", ["llama3.2", "qwen2.5", "gemma3"])
 def test_packed_row_matches_each_example_in_transformers(family, tmp_path):
     reference = _hf_model(family, tmp_path)
     ours = load_hf_decoder(tmp_path, _mesh(), RULES)
@@ -110,7 +128,7 @@ def test_packed_row_matches_each_example_in_transformers(family, tmp_path):
         start += len(example)
 
 
-@pytest.mark.parametrize("family", ["llama3.1", "qwen2.5", "qwen3"])
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2.5", "qwen3", "gemma2", "gemma3"])
 def test_import_sharded_over_8_devices_then_export_reloads_in_transformers(family, tmp_path):
     reference = _hf_model(family, tmp_path / "in")
     ours = load_hf_decoder(tmp_path / "in", _mesh(jax.devices()), RULES)
@@ -135,11 +153,12 @@ def test_unsupported_hf_field_is_an_error_naming_it():
         hf.decoder_fields_from_hf({**config, "hidden_act": "gelu"}, "x")
     with pytest.raises(hf.HFConfigError, match="architectures = \\['GPT2LMHeadModel'\\]"):
         hf.decoder_fields_from_hf({**config, "architectures": ["GPT2LMHeadModel"]}, "x")
-    with pytest.raises(hf.HFConfigError, match="sliding_window = 4096"):
-        hf.decoder_fields_from_hf({**config, "architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "x")
+    with pytest.raises(hf.HFConfigError, match="use_sliding_window = True"):
+        hf.decoder_fields_from_hf({**config, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
+                                   "sliding_window": 4096}, "x")
 
 
-@pytest.mark.parametrize("family", ["llama3.2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama3.2", "qwen3", "gemma3"])
 def test_cached_greedy_generation_matches_transformers_generate(family, tmp_path):
     from jit_tune.eval.decode import generate
 

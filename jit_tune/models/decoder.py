@@ -41,8 +41,24 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on queries and keys, before RoPE
+    # Gemma switches.
+    norm_offset: float = 0.0  # 1.0: norms scale by (1 + w)
+    embed_scale: bool = False  # embeddings times sqrt(d_model)
+    post_norms: bool = False  # norms on the attention and MLP outputs too
+    mlp_activation: str = "silu"  # or "gelu_tanh"
+    attn_softcap: float = 0.0  # 0: off; else logits = cap * tanh(logits / cap)
+    final_softcap: float = 0.0
+    query_pre_attn_scalar: float = 0.0  # attention scale is this ** -0.5 (0: head_dim)
+    # Local attention: layers marked "sliding" see only the last `sliding_window` tokens
+    # and, if rope_local_theta is set, use a default rope with that base.
+    sliding_window: int = 0
+    layer_types: tuple = ()  # per layer "full" or "sliding"; empty: all full
+    rope_local_theta: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding"
 
     @property
     def compute_dtype(self):
@@ -71,20 +87,26 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",))
-        self.eps = eps
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        # Initialized to the identity whatever the offset.
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, jnp.float32), out_sharding=("norm",))
+        self.eps, self.offset = eps, offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...]).astype(x.dtype)
+        return (normed * (self.offset + self.scale[...])).astype(x.dtype)
 
 
-def rope_frequencies(config: DecoderConfig) -> jax.Array:
+def rope_frequencies(config: DecoderConfig, local: bool = False) -> jax.Array:
     """Inverse frequencies [H/2], as transformers computes them for each rope type."""
     h = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    theta = config.rope_local_theta if local and config.rope_local_theta else config.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if local and config.rope_local_theta:
+        return inv_freq
+    if config.rope_scaling == "linear":
+        inv_freq = inv_freq / config.rope_factor
     if config.rope_scaling == "llama3":
         c = config
         wavelen = 2 * jnp.pi / inv_freq
@@ -110,17 +132,26 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Arr
     return rotated.astype(x_BxLxNxH.dtype)
 
 
-def attention_mask(q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S) -> jax.Array:
-    """True where a query may attend a key: same non-padding segment, not in the future."""
+def attention_mask(q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, window: int = 0) -> jax.Array:
+    """True where a query may attend a key: same non-padding segment, not in the future,
+    and with a window, fewer than `window` slots back (a segment's slots are contiguous)."""
     same_segment = q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
     causal = kv_slot_S[None, None, :] <= q_slot_L[None, :, None]
-    return same_segment & causal & (kv_segment_BxS[:, None, :] != 0)
+    mask = same_segment & causal & (kv_segment_BxS[:, None, :] != 0)
+    if window:
+        mask &= kv_slot_S[None, None, :] > q_slot_L[None, :, None] - window
+    return mask
+
+
+def _softcap(x: jax.Array, cap: float) -> jax.Array:
+    return cap * jnp.tanh(x / cap) if cap else x
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, layer: int, rngs: nnx.Rngs):
         c = config
         self.config = c
+        self.sliding = c.is_sliding(layer)
         self.q_DxNxH = _param(rngs, (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), c.d_model)
         self.k_DxKxH = _param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
         self.v_DxKxH = _param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
@@ -132,8 +163,8 @@ class Attention(nnx.Module):
             self.k_bias_KxH = nnx.Param(jnp.zeros((c.n_kv_heads, c.head_dim)), out_sharding=("kv_heads", "head_dim"))
             self.v_bias_KxH = nnx.Param(jnp.zeros((c.n_kv_heads, c.head_dim)), out_sharding=("kv_heads", "head_dim"))
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
-            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset)
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, slots_L, cache_kv=None):
         c = self.config
@@ -147,7 +178,7 @@ class Attention(nnx.Module):
             v = v + self.v_bias_KxH[...].astype(dt)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_frequencies(c)
+        inv_freq = rope_frequencies(c, local=self.sliding)
         q = apply_rope(q, positions_BxL, inv_freq)
         k = apply_rope(k, positions_BxL, inv_freq)
 
@@ -162,8 +193,9 @@ class Attention(nnx.Module):
         b, l, _, h = q.shape
         q_BxLxKxGxH = q.reshape(b, l, c.n_kv_heads, c.n_heads // c.n_kv_heads, h)
         logits = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k, preferred_element_type=jnp.float32)
-        logits = logits * (h**-0.5)
-        mask_BxLxS = attention_mask(segment_ids_BxL, kv_segment, slots_L, kv_slots)
+        logits = _softcap(logits * (c.query_pre_attn_scalar or h) ** -0.5, c.attn_softcap)
+        window = c.sliding_window if self.sliding else 0
+        mask_BxLxS = attention_mask(segment_ids_BxL, kv_segment, slots_L, kv_slots, window)
         # A finite fill keeps fully masked rows (padding) free of NaNs; their loss is masked.
         logits = jnp.where(mask_BxLxS[:, None, None], logits, -1e30)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
@@ -177,25 +209,33 @@ class MLP(nnx.Module):
         self.gate_DxF = _param(rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
         self.up_DxF = _param(rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
         self.down_FxD = _param(rngs, (c.mlp_dim, c.d_model), ("mlp", "embed"), c.mlp_dim)
+        self.activation = c.mlp_activation
 
     def __call__(self, x_BxLxD):
         dt = x_BxLxD.dtype
         gate = jnp.einsum("bld,df->blf", x_BxLxD, self.gate_DxF[...].astype(dt))
         up = jnp.einsum("bld,df->blf", x_BxLxD, self.up_DxF[...].astype(dt))
-        return jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, self.down_FxD[...].astype(dt))
+        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return jnp.einsum("blf,fd->bld", act * up, self.down_FxD[...].astype(dt))
 
 
 class Block(nnx.Module):
-    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(config, rngs)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = MLP(config, rngs)
+    def __init__(self, config: DecoderConfig, layer: int, rngs: nnx.Rngs):
+        c = config
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
+        self.attn = Attention(c, layer, rngs)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
+        self.mlp = MLP(c, rngs)
+        if c.post_norms:
+            self.attn_post_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
+            self.mlp_post_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
+        self.post_norms = c.post_norms
 
     def __call__(self, x, positions, segment_ids, slots, cache_kv=None):
         attn_out, new_cache_kv = self.attn(self.attn_norm(x), positions, segment_ids, slots, cache_kv)
-        x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), new_cache_kv
+        mlp_in = x + (self.attn_post_norm(attn_out) if self.post_norms else attn_out)
+        mlp_out = self.mlp(self.mlp_norm(mlp_in))
+        return mlp_in + (self.mlp_post_norm(mlp_out) if self.post_norms else mlp_out), new_cache_kv
 
 
 class Decoder(nnx.Module):
@@ -205,8 +245,8 @@ class Decoder(nnx.Module):
         self.embed_VxD = nnx.Param(
             jax.random.normal(rngs.params(), (c.vocab_size, c.d_model), jnp.float32), out_sharding=("vocab", "embed")
         )
-        self.blocks = nnx.List([Block(c, rngs) for _ in range(c.n_layers)])
-        self.final_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.blocks = nnx.List([Block(c, layer, rngs) for layer in range(c.n_layers)])
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
         if not c.tie_embeddings:
             self.unembed_DxV = _param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model)
 
@@ -220,6 +260,8 @@ class Decoder(nnx.Module):
         """Float32 logits [B, L, V], and the updated cache when one is given."""
         c = self.config
         x = self.embed_VxD[...].astype(c.compute_dtype)[tokens_BxL]
+        if c.embed_scale:
+            x = x * jnp.asarray(c.d_model**0.5, c.compute_dtype)
         if cache is None:
             slots = jnp.arange(tokens_BxL.shape[1])
         else:
@@ -235,6 +277,7 @@ class Decoder(nnx.Module):
         x = self.final_norm(x)
         unembed = self.embed_VxD[...].T if c.tie_embeddings else self.unembed_DxV[...]
         logits = jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+        logits = _softcap(logits, c.final_softcap)
         if cache is None:
             return logits, None
         new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), kv_segment, cache.index + tokens_BxL.shape[1])

@@ -29,13 +29,17 @@ FAMILIES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
+_GEMMA = ("gemma2", "gemma3_text")
 # Fields that describe the checkpoint but do not change the forward pass.
 _METADATA = {
     "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
     "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range", "use_cache",
-    "max_window_layers", "layer_types", "output_attentions", "output_hidden_states", "return_dict",
+    "max_window_layers", "output_attentions", "output_hidden_states", "return_dict",
     "_name_or_path", "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder",
+    "cache_implementation", "attn_implementation",
 }
 
 
@@ -45,12 +49,23 @@ class HFConfigError(ValueError):
 
 def _rope(hf: dict, source: str) -> dict:
     params = dict(hf.get("rope_parameters") or {})
+    fields = {}
+    if "full_attention" in params:  # Gemma 3: one rope per layer type
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise HFConfigError(f"{source}: rope_parameters.sliding_attention: only the default rope type is supported")
+        fields["rope_local_theta"] = float(local.get("rope_theta", 10_000.0))
+        params = dict(params["full_attention"])
+    elif "rope_local_base_freq" in hf:
+        fields["rope_local_theta"] = float(hf["rope_local_base_freq"])
     legacy = hf.get("rope_scaling") or {}
     params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
     params.update({k: v for k, v in legacy.items() if k not in params})
     kind = params.get("rope_type", params.get("type", "default"))
-    fields = {"rope_theta": float(params["rope_theta"]), "rope_scaling": kind}
-    if kind == "llama3":
+    fields.update(rope_theta=float(params["rope_theta"]), rope_scaling=kind)
+    if kind == "linear":
+        fields["rope_factor"] = float(params["factor"])
+    elif kind == "llama3":
         fields.update(
             rope_factor=float(params["factor"]),
             rope_low_freq_factor=float(params["low_freq_factor"]),
@@ -58,7 +73,7 @@ def _rope(hf: dict, source: str) -> dict:
             rope_original_max_position=int(params["original_max_position_embeddings"]),
         )
     elif kind != "default":
-        raise HFConfigError(f"{source}: rope type {kind!r} is not supported (supported: default, llama3)")
+        raise HFConfigError(f"{source}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
     return fields
 
 
@@ -73,15 +88,17 @@ def decoder_fields_from_hf(hf: dict, source: str) -> dict:
         if field in hf and not ok(hf[field]):
             raise HFConfigError(f"{source}: {field} = {hf[field]!r}: jit_tune supports only {expected}")
 
-    expect("hidden_act", lambda v: v == "silu", "silu")
+    activation = "gelu_pytorch_tanh" if family in _GEMMA else "silu"
+    expect("hidden_act", lambda v: v == activation or family in _GEMMA, activation)
+    expect("hidden_activation", lambda v: v == activation, activation)
     expect("mlp_bias", lambda v: not v, "false")
+    expect("use_bidirectional_attention", lambda v: not v, "false (causal attention)")
     expect("attention_bias", lambda v: not v, "false (no bias on the o projection or in Llama attention)")
     expect("attention_dropout", lambda v: v == 0, "0.0 (no attention dropout)")
     expect("pretraining_tp", lambda v: v == 1, "1")
-    expect("sliding_window", lambda v: v is None or not hf.get("use_sliding_window", family == "mistral"),
-           "null (sliding-window attention is not implemented for this family yet)")
-    expect("use_sliding_window", lambda v: not v, "false")
+    expect("use_sliding_window", lambda v: not v, "false (Qwen's per-layer window switch is not implemented)")
     heads = hf["num_attention_heads"]
+    gemma = family in _GEMMA
     fields = {
         "vocab_size": hf["vocab_size"],
         "d_model": hf["hidden_size"],
@@ -93,14 +110,26 @@ def decoder_fields_from_hf(hf: dict, source: str) -> dict:
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "qkv_bias": family == "qwen2",
-        "qk_norm": family == "qwen3",
+        "qk_norm": family in ("qwen3", "gemma3_text"),
+        "norm_offset": 1.0 if gemma else 0.0,
+        "embed_scale": gemma,
+        "post_norms": gemma,
+        "mlp_activation": "gelu_tanh" if gemma else "silu",
+        "attn_softcap": float(hf.get("attn_logit_softcapping") or 0.0),
+        "final_softcap": float(hf.get("final_logit_softcapping") or 0.0),
+        "query_pre_attn_scalar": float(hf.get("query_pre_attn_scalar") or 0.0),
+        **_layer_types(hf, family),
         **_rope(hf, source),
     }
+    if gemma:
+        fields["tie_embeddings"] = bool(hf.get("tie_word_embeddings", True))
     handled = {
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "head_dim", "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "rope_theta", "rope_scaling",
         "rope_parameters", "hidden_act", "mlp_bias", "attention_bias", "attention_dropout", "pretraining_tp",
-        "sliding_window", "use_sliding_window",
+        "sliding_window", "use_sliding_window", "hidden_activation", "use_bidirectional_attention",
+        "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "layer_types",
+        "sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq",
     }
     unknown = sorted(set(hf) - handled - _METADATA)
     if unknown:
@@ -108,14 +137,47 @@ def decoder_fields_from_hf(hf: dict, source: str) -> dict:
     return fields
 
 
+def _layer_types(hf: dict, family: str) -> dict:
+    """Which layers attend locally: HF's layer_types, else each family's documented pattern."""
+    window = hf.get("sliding_window")
+    if not window or (family in ("qwen2", "qwen3") and not hf.get("use_sliding_window")):
+        return {"sliding_window": 0, "layer_types": ()}
+    n = hf["num_hidden_layers"]
+    if hf.get("layer_types"):
+        kinds = hf["layer_types"]
+    elif family == "gemma2":
+        kinds = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    elif family == "gemma3_text":
+        pattern = hf.get("sliding_window_pattern", 6)
+        kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    else:  # Mistral: every layer
+        kinds = ["sliding_attention"] * n
+    return {"sliding_window": int(window), "layer_types": tuple("sliding" if k == "sliding_attention" else "full"
+                                                                for k in kinds)}
+
+
 def hf_config_from_decoder(config: DecoderConfig, family: str, special_ids: dict) -> dict:
     """A config.json transformers loads as the same model."""
     arch = {v: k for k, v in FAMILIES.items()}[family]
     rope = {"rope_type": config.rope_scaling, "rope_theta": config.rope_theta}
+    if config.rope_scaling == "linear":
+        rope["factor"] = config.rope_factor
     if config.rope_scaling == "llama3":
         rope.update(factor=config.rope_factor, low_freq_factor=config.rope_low_freq_factor,
                     high_freq_factor=config.rope_high_freq_factor,
                     original_max_position_embeddings=config.rope_original_max_position)
+    extra = {}
+    if config.layer_types:
+        extra["sliding_window"] = config.sliding_window
+        extra["layer_types"] = [f"{kind}_attention" for kind in config.layer_types]
+    if config.rope_local_theta:
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                              "rope_theta": config.rope_local_theta}}
+    if family in _GEMMA:
+        scalar = config.query_pre_attn_scalar or config.head_dim
+        extra.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
+                     attn_logit_softcapping=config.attn_softcap or None,
+                     final_logit_softcapping=config.final_softcap or None)
     return {
         "architectures": [arch],
         "model_type": family,
@@ -128,10 +190,10 @@ def hf_config_from_decoder(config: DecoderConfig, family: str, special_ids: dict
         "intermediate_size": config.mlp_dim,
         "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
-        "hidden_act": "silu",
+        "hidden_act": "gelu_pytorch_tanh" if family in _GEMMA else "silu",
         "rope_parameters": rope,
-        "rope_theta": config.rope_theta,
         "dtype": "float32",
+        **extra,
         **special_ids,
     }
 
@@ -149,7 +211,12 @@ def weight_names(config: DecoderConfig) -> dict[tuple, tuple[str, str]]:
     for i in range(config.n_layers):
         p, b = f"model.layers.{i}.", ("blocks", i)
         names[b + ("attn_norm", "scale")] = (p + "input_layernorm.weight", "same")
-        names[b + ("mlp_norm", "scale")] = (p + "post_attention_layernorm.weight", "same")
+        if config.post_norms:  # Gemma: post_attention_layernorm norms the attention output
+            names[b + ("attn_post_norm", "scale")] = (p + "post_attention_layernorm.weight", "same")
+            names[b + ("mlp_norm", "scale")] = (p + "pre_feedforward_layernorm.weight", "same")
+            names[b + ("mlp_post_norm", "scale")] = (p + "post_feedforward_layernorm.weight", "same")
+        else:
+            names[b + ("mlp_norm", "scale")] = (p + "post_attention_layernorm.weight", "same")
         for ours, theirs in (("q_DxNxH", "q_proj"), ("k_DxKxH", "k_proj"), ("v_DxKxH", "v_proj")):
             names[b + ("attn", ours)] = (f"{p}self_attn.{theirs}.weight", "in")
         names[b + ("attn", "o_NxHxD")] = (p + "self_attn.o_proj.weight", "out")

@@ -34,6 +34,13 @@ def test_export_of_a_run_loads_in_transformers_with_its_chat_template(tmp_path, 
     assert main(["generate", "--hf", str(out), "--prompt", "Sort these words: owl cake", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("> Sort these words: owl cake\n")
 
+    hf_model, hf_tokenizer = api.load_hf(out)
+    free = api.generate_text(hf_model, hf_tokenizer, ["Sort these words: owl cake"], max_new_tokens=12)[0]
+    assert len(free) >= 4  # an untrained smoke model rambles for all 12 tokens
+    assert free == api.generate_text(model, tokenizer, ["Sort these words: owl cake"], max_new_tokens=12)[0]
+    cut = api.generate_text(hf_model, hf_tokenizer, ["Sort these words: owl cake"], max_new_tokens=12, stop=[free[2:4]])
+    assert cut == [free[: free.index(free[2:4])]]
+
 
 def test_training_starts_from_a_hf_checkpoint(tmp_path):
     from jit_tune.config import load_config

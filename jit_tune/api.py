@@ -38,10 +38,12 @@ def _default_mesh():
     return mesh_lib.make_mesh(default_config())
 
 
-def load_hf(directory: str | Path, mesh=None, dtype: str = "float32"):
-    """(model, tokenizer) from a Hugging Face dir, sharded by the default rules on `mesh`."""
+def load_hf(directory: str | Path, mesh=None, dtype: str = "float32", param_dtype: str = "float32"):
+    """(model, tokenizer) from a Hugging Face dir, sharded by the default rules on `mesh`,
+    parameters converted to `param_dtype`, computing in `dtype`."""
     mesh = mesh or _default_mesh()
-    model = load_hf_decoder(directory, mesh, mesh_lib.logical_rules(default_config()), dtype=dtype)
+    model = load_hf_decoder(directory, mesh, mesh_lib.logical_rules(default_config()), dtype=dtype,
+                            param_dtype=param_dtype)
     return model, AutoTokenizer.from_pretrained(directory)
 
 

@@ -64,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.layer_types = ()
     c.model.rope_local_theta = 0.0
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+    # Stored parameter dtype, also what a HF checkpoint is converted to on import
+    # (float32: master weights, whatever the checkpoint's dtype).
+    c.model.param_dtype = "float32"
 
     c.data = ml_collections.ConfigDict()
     c.data.tokenizer = "builtin"  # "builtin" (a BPE trained on the built-in tasks) or a HF tokenizer dir
@@ -250,6 +253,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
           f"a multiple of model.n_kv_heads ({m.n_kv_heads}) for grouped-query attention")
     check("model.head_dim", m.head_dim % 2 == 0, "an even number (RoPE rotates pairs)")
     check("model.dtype", m.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
+    check("model.param_dtype", m.param_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.rope_theta", m.rope_theta > 0, "a positive number")
     check("model.rope_scaling", m.rope_scaling in ("default", "linear", "llama3"), "'default', 'linear' or 'llama3'")
     check("model.mlp_activation", m.mlp_activation in ("silu", "gelu_tanh"), "'silu' or 'gelu_tanh'")

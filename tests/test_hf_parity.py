@@ -186,3 +186,21 @@ def test_sampling_is_seeded_and_narrows_to_greedy(tmp_path):
     assert sampled != greedy  # 12 draws over a 320-token vocabulary at temperature 1
     assert generate(ours, prompts, temperature=1.0, top_k=1, seed=3, **kwargs) == greedy
     assert generate(ours, prompts, temperature=1.0, top_p=1e-6, seed=3, **kwargs) == greedy
+
+
+def test_bfloat16_checkpoint_is_converted_as_the_config_says(tmp_path):
+    reference = _hf_model("qwen3", tmp_path / "f32").to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16/config.json").read_text())["dtype"] == "bfloat16"
+    # The same bf16 values, computed in float32 (reloaded: .float() would keep a rounded rope buffer).
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    tokens = _tokens()
+
+    as_f32 = load_hf_decoder(tmp_path / "bf16", _mesh(), RULES)
+    assert as_f32.embed_VxD[...].dtype == jnp.float32
+    np.testing.assert_array_less(np.abs(_our_logits(as_f32, tokens) - _hf_logits(reference, tokens)).max(), 1e-4)
+
+    as_bf16 = load_hf_decoder(tmp_path / "bf16", _mesh(), RULES, param_dtype="bfloat16")
+    assert as_bf16.embed_VxD[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(as_bf16.embed_VxD[...].astype(jnp.float32)),
+                                  np.asarray(as_f32.embed_VxD[...]))

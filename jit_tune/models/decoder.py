@@ -15,6 +15,7 @@ K key/value heads, G = N // K, H head dim, F mlp dim, V vocab.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -55,7 +56,8 @@ class DecoderConfig:
     sliding_window: int = 0
     layer_types: tuple = ()  # per layer "full" or "sliding"; empty: all full
     rope_local_theta: float = 0.0
-    dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # stored parameters (and optimizer moments); float32 = master weights
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
@@ -81,21 +83,22 @@ class KVCache(NamedTuple):
         return cls(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int) -> nnx.Param:
+def _param(config: DecoderConfig, rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           fan_in: int) -> nnx.Param:
     init = jax.nn.initializers.normal(stddev=fan_in**-0.5)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.dtype(config.param_dtype)), out_sharding=axes)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, param_dtype: str = "float32"):
         # Initialized to the identity whatever the offset.
-        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, jnp.float32), out_sharding=("norm",))
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, jnp.dtype(param_dtype)), out_sharding=("norm",))
         self.eps, self.offset = eps, offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (self.offset + self.scale[...])).astype(x.dtype)
+        return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
 def rope_frequencies(config: DecoderConfig, local: bool = False) -> jax.Array:
@@ -152,19 +155,20 @@ class Attention(nnx.Module):
         c = config
         self.config = c
         self.sliding = c.is_sliding(layer)
-        self.q_DxNxH = _param(rngs, (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), c.d_model)
-        self.k_DxKxH = _param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
-        self.v_DxKxH = _param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
+        self.q_DxNxH = _param(c, rngs, (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), c.d_model)
+        self.k_DxKxH = _param(c, rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
+        self.v_DxKxH = _param(c, rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
         self.o_NxHxD = _param(
-            rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), c.n_heads * c.head_dim
+            c, rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), c.n_heads * c.head_dim
         )
         if c.qkv_bias:
-            self.q_bias_NxH = nnx.Param(jnp.zeros((c.n_heads, c.head_dim)), out_sharding=("heads", "head_dim"))
-            self.k_bias_KxH = nnx.Param(jnp.zeros((c.n_kv_heads, c.head_dim)), out_sharding=("kv_heads", "head_dim"))
-            self.v_bias_KxH = nnx.Param(jnp.zeros((c.n_kv_heads, c.head_dim)), out_sharding=("kv_heads", "head_dim"))
+            zeros = partial(jnp.zeros, dtype=jnp.dtype(c.param_dtype))
+            self.q_bias_NxH = nnx.Param(zeros((c.n_heads, c.head_dim)), out_sharding=("heads", "head_dim"))
+            self.k_bias_KxH = nnx.Param(zeros((c.n_kv_heads, c.head_dim)), out_sharding=("kv_heads", "head_dim"))
+            self.v_bias_KxH = nnx.Param(zeros((c.n_kv_heads, c.head_dim)), out_sharding=("kv_heads", "head_dim"))
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset)
-            self.k_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset)
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset, c.param_dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset, c.param_dtype)
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, slots_L, cache_kv=None):
         c = self.config
@@ -206,9 +210,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         c = config
-        self.gate_DxF = _param(rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
-        self.up_DxF = _param(rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
-        self.down_FxD = _param(rngs, (c.mlp_dim, c.d_model), ("mlp", "embed"), c.mlp_dim)
+        self.gate_DxF = _param(c, rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
+        self.up_DxF = _param(c, rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
+        self.down_FxD = _param(c, rngs, (c.mlp_dim, c.d_model), ("mlp", "embed"), c.mlp_dim)
         self.activation = c.mlp_activation
 
     def __call__(self, x_BxLxD):
@@ -222,13 +226,13 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, config: DecoderConfig, layer: int, rngs: nnx.Rngs):
         c = config
-        self.attn_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset, c.param_dtype)
         self.attn = Attention(c, layer, rngs)
-        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset, c.param_dtype)
         self.mlp = MLP(c, rngs)
         if c.post_norms:
-            self.attn_post_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
-            self.mlp_post_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
+            self.attn_post_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset, c.param_dtype)
+            self.mlp_post_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset, c.param_dtype)
         self.post_norms = c.post_norms
 
     def __call__(self, x, positions, segment_ids, slots, cache_kv=None):
@@ -243,12 +247,13 @@ class Decoder(nnx.Module):
         c = config
         self.config = c
         self.embed_VxD = nnx.Param(
-            jax.random.normal(rngs.params(), (c.vocab_size, c.d_model), jnp.float32), out_sharding=("vocab", "embed")
+            jax.random.normal(rngs.params(), (c.vocab_size, c.d_model), jnp.dtype(c.param_dtype)),
+            out_sharding=("vocab", "embed"),
         )
         self.blocks = nnx.List([Block(c, layer, rngs) for layer in range(c.n_layers)])
-        self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset)
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset, c.param_dtype)
         if not c.tie_embeddings:
-            self.unembed_DxV = _param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model)
+            self.unembed_DxV = _param(c, rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model)
 
     def __call__(
         self,

@@ -13,11 +13,13 @@ from jit_tune.models import hf
 from jit_tune.models.decoder import Decoder, DecoderConfig
 
 
-def decoder_config_from_hf_dir(directory: str | Path, dtype: str = "float32") -> DecoderConfig:
+def decoder_config_from_hf_dir(directory: str | Path, dtype: str = "float32",
+                               param_dtype: str = "float32") -> DecoderConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; expected a Hugging Face model directory")
-    return DecoderConfig(**hf.decoder_fields_from_hf(json.loads(path.read_text()), str(path)), dtype=dtype)
+    fields = hf.decoder_fields_from_hf(json.loads(path.read_text()), str(path))
+    return DecoderConfig(**fields, dtype=dtype, param_dtype=param_dtype)
 
 
 def abstract_decoder(config: DecoderConfig, mesh: Mesh, rules) -> Decoder:
@@ -36,11 +38,13 @@ def on_mesh(leaf, mesh: Mesh):
 
 
 def load_hf_decoder(
-    directory: str | Path, mesh: Mesh, rules, config: DecoderConfig | None = None, dtype: str = "float32"
+    directory: str | Path, mesh: Mesh, rules, config: DecoderConfig | None = None, dtype: str = "float32",
+    param_dtype: str = "float32",
 ) -> Decoder:
-    """A Decoder with the weights of a HF checkpoint dir, each process reading its shards.
-    `config` defaults to the one mapped from the directory's config.json."""
-    config = config or decoder_config_from_hf_dir(directory, dtype)
+    """A Decoder with the weights of a HF checkpoint dir, each process reading its shards
+    and converting them to `param_dtype`. `config` defaults to the one mapped from the
+    directory's config.json."""
+    config = config or decoder_config_from_hf_dir(directory, dtype, param_dtype)
     model = abstract_decoder(config, mesh, rules)
     state = nnx.state(model)
     params = hf.load_params(Path(directory), config, nnx.to_pure_dict(state))

@@ -1,0 +1,86 @@
+"""Record formats, each turned into the one internal conversation form:
+`{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "_where": ...}`.
+
+Field names are mapped by the config (`fields`), so a dataset that calls its prompt
+"question" needs no preprocessing. A missing field or a wrong type is a SourceError
+naming the record's file and line, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from jit_tune.data.sources import SourceError
+
+# The T0/P3 dumps end every completion with this GPT-3-era marker; it is not the answer.
+T0_END_MARKER = "<|endoftext|>"
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+DEFAULT_FIELDS = {
+    "prompt_completion": {"prompt": "prompt", "completion": "completion"},
+    "t0": {"prompt": "prompt", "completion": "completion"},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
+    "messages": {"messages": "messages"},
+    "sharegpt": {"conversations": "conversations"},
+}
+FORMATS = tuple(DEFAULT_FIELDS)
+
+
+def _field(record: Mapping, fields: Mapping, name: str, fmt: str, optional: bool = False):
+    key = fields.get(name, name)
+    if key not in record or record[key] is None:
+        if optional:
+            return None
+        expected = ", ".join(DEFAULT_FIELDS[fmt].values())
+        raise SourceError(f"{record.get('_where', '?')}: missing field {key!r} (format {fmt} reads {expected})")
+    return record[key]
+
+
+def _text(record: Mapping, fields: Mapping, name: str, fmt: str, optional: bool = False) -> str | None:
+    value = _field(record, fields, name, fmt, optional)
+    if value is not None and not isinstance(value, str):
+        key = fields.get(name, name)
+        raise SourceError(f"{record.get('_where', '?')}: field {key!r} is a {type(value).__name__}, expected a string")
+    return value
+
+
+def _turns(record: Mapping, turns, key: str, role_key: str, text_key: str, roles: Mapping) -> list[dict]:
+    where = record.get("_where", "?")
+    if not isinstance(turns, list) or not turns:
+        raise SourceError(f"{where}: field {key!r} is {type(turns).__name__}, expected a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or role_key not in turn or text_key not in turn:
+            raise SourceError(f"{where}: {key}[{i}]: expected an object with {role_key!r} and {text_key!r}")
+        if turn[role_key] not in roles:
+            raise SourceError(f"{where}: {key}[{i}].{role_key} = {turn[role_key]!r}: expected one of {sorted(roles)}")
+        if not isinstance(turn[text_key], str):
+            raise SourceError(f"{where}: {key}[{i}].{text_key} is a {type(turn[text_key]).__name__}, expected a string")
+        messages.append({"role": roles[turn[role_key]], "content": turn[text_key]})
+    return messages
+
+
+def to_conversation(record: Mapping, fmt: str, fields: Mapping | None = None) -> dict:
+    """The conversation form of one record in format `fmt`."""
+    fields = fields or {}
+    if fmt in ("prompt_completion", "t0"):
+        prompt = _text(record, fields, "prompt", fmt)
+        completion = _text(record, fields, "completion", fmt)
+        if fmt == "t0":
+            completion = completion.removesuffix(T0_END_MARKER)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    elif fmt == "alpaca":
+        instruction = _text(record, fields, "instruction", fmt)
+        extra = _text(record, fields, "input", fmt, optional=True)
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": _text(record, fields, "output", fmt)}]
+    elif fmt == "messages":
+        key = fields.get("messages", "messages")
+        roles = {r: r for r in ("system", "user", "assistant")}
+        messages = _turns(record, _field(record, fields, "messages", fmt), key, "role", "content", roles)
+    elif fmt == "sharegpt":
+        key = fields.get("conversations", "conversations")
+        messages = _turns(record, _field(record, fields, "conversations", fmt), key, "from", "value", _SHAREGPT_ROLES)
+    else:
+        raise SourceError(f"format {fmt!r}: expected one of {FORMATS}")
+    return {"messages": messages, "_where": record.get("_where", "?")}

@@ -72,7 +72,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = "builtin"  # "builtin" (a BPE trained on the built-in tasks) or a HF tokenizer dir
     c.data.tokenizer_vocab_size = 512
     c.data.builtin_seed = 0  # the built-in suite's examples are a function of this seed
-    # Mixture rates, one per task: a task's share of training examples is its rate / sum.
+    # Tasks read from files (besides the built-in suite), by name:
+    #   tasks.<name> = {path, kind (auto|jsonl|parquet|hf_disk|hf), format, fields, split, data_files}
+    #   task_dirs.<prefix> = {path, format}: every <path>/<task>/ is a task "<prefix>/<task>", each file a template
+    c.data.tasks = ml_collections.ConfigDict()
+    c.data.task_dirs = ml_collections.ConfigDict()
+    c.data.validation_share = 0.02  # of each file task's records, held out by a hash of (task, index)
+    # Groups for nested mixtures: groups.<name> = {tasks: (names...), rule: equal|examples|temperature,
+    # cap: int (0: none), temperature: float}. See data/mixture.py.
+    c.data.groups = ml_collections.ConfigDict()
+    # Mixture rates by task or group name: a share of training examples is rate / sum.
     c.data.mixture = ml_collections.ConfigDict({task.name: 1.0 for task in builtin_tasks.TASKS})
     c.data.train_on = "all_assistant"  # all_assistant, last_assistant or all
     c.data.seq_len = 128  # packed row length
@@ -265,11 +274,15 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
           "llama, mistral, qwen2, qwen3, gemma2 or gemma3_text")
     check("data.tokenizer_vocab_size", 256 + 8 <= d.tokenizer_vocab_size <= m.vocab_size,
           f"between 264 (bytes + special tokens) and model.vocab_size ({m.vocab_size})")
-    unknown = sorted(set(d.mixture.keys()) - set(builtin_tasks.TASKS_BY_NAME))
-    check("data.mixture", not unknown, f"only built-in task names ({', '.join(builtin_tasks.TASKS_BY_NAME)})")
     for task, rate in d.mixture.items():
         check(f"data.mixture.{task}", isinstance(rate, (int, float)) and rate >= 0, "a rate >= 0")
-    check("data.mixture", sum(d.mixture.values()) > 0, "at least one task with a rate > 0")
+    check("data.mixture", sum(d.mixture.values()) > 0, "at least one task or group with a rate > 0")
+    check("data.validation_share", 0 <= d.validation_share < 1, "a share in [0, 1)")
+    for name, spec in list(d.tasks.items()) + list(d.task_dirs.items()):
+        check(f"data.{'tasks' if name in d.tasks else 'task_dirs'}.{name}",
+              isinstance(spec, ml_collections.ConfigDict) and "path" in spec and Path(spec.path).exists(),
+              "a ConfigDict with a 'path' that exists")
+    problems.extend(_mixture_problems(config, path))
     check("data.train_on", d.train_on in ("all_assistant", "last_assistant", "all"),
           "'all_assistant', 'last_assistant' or 'all'")
     check("data.seq_len", d.seq_len >= 8, "an integer >= 8")
@@ -295,6 +308,30 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
         check(f"eval.{key}", e[key] > 0, "a positive integer")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _mixture_problems(config: ml_collections.ConfigDict, path: str) -> list[str]:
+    """Structure of the nested mixture, checked before any file is opened: every name a
+    task or a group, rules known (sizes are placeholders here)."""
+    from jit_tune.data.mixture import MixtureError, task_rates
+
+    d = config.data
+    names = set(builtin_tasks.TASKS_BY_NAME) | set(d.tasks.keys())
+    for prefix, spec in d.task_dirs.items():
+        if isinstance(spec, ml_collections.ConfigDict) and "path" in spec and Path(spec.path).is_dir():
+            names |= {f"{prefix}/{p.name}" for p in Path(spec.path).iterdir() if p.is_dir()}
+    groups = {}
+    for name, group in d.groups.items():
+        values = group.to_dict() if isinstance(group, ml_collections.ConfigDict) else {}
+        missing = {"tasks", "rule"} - set(values)
+        if missing:
+            return [f"{path}: config.data.groups.{name}: missing {sorted(missing)}"]
+        groups[name] = {"cap": 0, "temperature": 1.0, **values}
+    try:
+        task_rates(dict(d.mixture), groups, {n: 1.0 for n in names})
+    except MixtureError as e:
+        return [f"{path}: {e}"]
+    return []
 
 
 def _line_setting(path: str, key: str) -> str:

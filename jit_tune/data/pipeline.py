@@ -22,11 +22,12 @@ from ml_collections import ConfigDict
 from transformers import PreTrainedTokenizerBase
 
 from jit_tune.data import builtin_tasks
+from jit_tune.data import tasks as tasks_lib
+from jit_tune.data.mixture import task_rates
 from jit_tune.data.render import tokenize_conversation
 
 FEATURES = ("inputs", "targets", "loss_mask")
 ROW_FEATURES = FEATURES + ("segment_ids", "positions")
-_EXAMPLES_PER_TASK = 2**40  # examples are generated on demand; this is just an index space
 
 
 def encode(example: dict, tokenizer: PreTrainedTokenizerBase, train_on: str) -> dict[str, np.ndarray]:
@@ -37,11 +38,6 @@ def encode(example: dict, tokenizer: PreTrainedTokenizerBase, train_on: str) -> 
 
 def _trainable(features: dict[str, np.ndarray], seq_len: int) -> bool:
     return features["loss_mask"].any() and len(features["inputs"]) <= seq_len
-
-
-def _builtin_task(task: builtin_tasks.Task, split: str, seed: int) -> grain.MapDataset:
-    make = functools.partial(builtin_tasks.make_example, task, split, seed=seed)
-    return grain.MapDataset.range(_EXAMPLES_PER_TASK).map(make)
 
 
 def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -58,9 +54,10 @@ def train_dataset(
     d = config.data
     if d.batch_size % process_count:
         raise ValueError(f"config.data.batch_size = {d.batch_size}: expected a multiple of the {process_count} processes")
-    tasks = [(builtin_tasks.TASKS_BY_NAME[name], rate) for name, rate in d.mixture.items() if rate > 0]
+    rates = mixture_rates(config)
+    registry = tasks_lib.all_tasks(config)
     mixture = grain.MapDataset.mix(
-        [_builtin_task(task, "train", d.builtin_seed) for task, _ in tasks], weights=[rate for _, rate in tasks]
+        [tasks_lib.train_examples(registry[name], config) for name in rates], weights=list(rates.values())
     )
     # Shuffling the (lazy, index-only) mixture varies the task order within rows.
     local = mixture.shuffle(seed=config.seed)[process_index::process_count]
@@ -76,10 +73,22 @@ def train_dataset(
     return packed.map(_to_row).batch(d.batch_size // process_count, drop_remainder=True)
 
 
-def validation_examples(config: ConfigDict, task_name: str, held_out: bool) -> list[dict]:
-    """The fixed validation set of one task, on its held-in or held-out templates."""
-    task = builtin_tasks.TASKS_BY_NAME[task_name]
-    return [
-        builtin_tasks.make_example(task, "validation", i, config.data.builtin_seed, held_out)
-        for i in range(config.eval.examples_per_task)
-    ]
+def mixture_rates(config: ConfigDict, registry: dict | None = None) -> dict[str, float]:
+    """{task: share of training examples} from the config's (nested) mixture."""
+    registry = registry or tasks_lib.all_tasks(config)
+    sizes = {name: tasks_lib.task_size(task, "train") for name, task in registry.items()}
+    groups = {name: {"cap": 0, "temperature": 1.0, **group.to_dict()} for name, group in config.data.groups.items()}
+    return task_rates(dict(config.data.mixture), groups, sizes)
+
+
+def validation_examples(config: ConfigDict, task, held_out: bool) -> list[dict]:
+    """The fixed validation set of one task: for built-in tasks on its held-in or
+    held-out templates; for file tasks the first records of its validation split."""
+    if isinstance(task, builtin_tasks.Task):
+        return [
+            builtin_tasks.make_example(task, "validation", i, config.data.builtin_seed, held_out)
+            for i in range(config.eval.examples_per_task)
+        ]
+    if held_out:
+        return []
+    return [task.example("validation", i) for i in range(min(task.size("validation"), config.eval.examples_per_task))]

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
-from jit_tune.data import builtin_tasks
-from jit_tune.data.pipeline import encode, validation_examples
+from jit_tune.data import tasks as tasks_lib
+from jit_tune.data.pipeline import encode, mixture_rates, validation_examples
 from jit_tune.data.render import prompt_ids
 from jit_tune.eval.decode import generate_greedy
 from jit_tune.models.decoder import Decoder
@@ -35,11 +35,12 @@ def _unpacked_rows(features: list[dict], seq_len: int, batch: int) -> dict[str, 
 
 def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigDict) -> dict:
     """{task: {group: {"loss", "exact_match", "examples"}}} plus a "mean" entry per group."""
+    registry = tasks_lib.all_tasks(config)
     items = [
-        (task.name, group, example)
-        for task in builtin_tasks.TASKS
+        (name, group, example)
+        for name in mixture_rates(config, registry)
         for group, held_out in GROUPS
-        for example in validation_examples(config, task.name, held_out)
+        for example in validation_examples(config, registry[name], held_out)
     ]
     batch, seq_len = config.eval.batch_size, config.data.seq_len
     loss_sums, counts = [], []
@@ -50,7 +51,9 @@ def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigD
         loss_sums.extend(np.asarray(row_loss)[: len(chunk)])
         counts.extend(np.asarray(row_count)[: len(chunk)])
 
-    prompts = [prompt_ids(tokenizer, ex["messages"][:-1]) for _, _, ex in items]
+    # Long prompts keep their end (the instruction usually closes them), like the
+    # left-cut truncation of training rows.
+    prompts = [prompt_ids(tokenizer, ex["messages"][:-1])[-seq_len:] for _, _, ex in items]
     outputs = generate_greedy(
         model, prompts, config.eval.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch
     )
@@ -75,10 +78,11 @@ def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigD
             }
     results["mean"] = {
         group: {
-            metric: float(np.mean([results[t.name][group][metric] for t in builtin_tasks.TASKS]))
+            metric: float(np.mean([r[group][metric] for r in results.values() if group in r]))
             for metric in ("loss", "exact_match")
         }
         for group, _ in GROUPS
+        if any(group in r for r in results.values())
     }
     return results
 
@@ -90,7 +94,10 @@ def print_table(results: dict, step: int, console: Console | None = None) -> Non
     for task, groups in results.items():
         cells = []
         for group, _ in GROUPS:
-            cells += [f"{groups[group]['loss']:.3f}", f"{100 * groups[group]['exact_match']:.1f}%"]
+            if group in groups:
+                cells += [f"{groups[group]['loss']:.3f}", f"{100 * groups[group]['exact_match']:.1f}%"]
+            else:
+                cells += ["-", "-"]
         table.add_row(task, *cells, end_section=task == list(results)[-2])
     (console or Console()).print(table)
 

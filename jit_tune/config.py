@@ -69,8 +69,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
 
     c.data = ml_collections.ConfigDict()
-    c.data.tokenizer = "builtin"  # "builtin" (a BPE trained on the built-in tasks) or a HF tokenizer dir
+    # "builtin" (a BPE trained on the built-in tasks), "bpe" (a BPE trained on the
+    # mixture's training text), or a Hugging Face tokenizer dir.
+    c.data.tokenizer = "builtin"
     c.data.tokenizer_vocab_size = 512
+    c.data.tokenizer_corpus_examples = 2000  # per task, for tokenizer = "bpe"
     c.data.builtin_seed = 0  # the built-in suite's examples are a function of this seed
     # Tasks read from files (besides the built-in suite), by name:
     #   tasks.<name> = {path, kind (auto|jsonl|parquet|hf_disk|hf), format, fields, split, data_files}
@@ -85,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.mixture = ml_collections.ConfigDict({task.name: 1.0 for task in builtin_tasks.TASKS})
     c.data.train_on = "all_assistant"  # all_assistant, last_assistant or all
     c.data.seq_len = 128  # packed row length
+    c.data.truncation = "left"  # longer examples: "left" cuts the prompt's start, "drop" skips them
     c.data.batch_size = 32  # rows per global batch
     c.data.packing_bins = 16
 
@@ -268,8 +272,8 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("model.mlp_activation", m.mlp_activation in ("silu", "gelu_tanh"), "'silu' or 'gelu_tanh'")
     check("model.layer_types", not m.layer_types or (len(m.layer_types) == m.n_layers
           and set(m.layer_types) <= {"full", "sliding"}), "empty, or 'full'/'sliding' for each of model.n_layers")
-    check("data.tokenizer", d.tokenizer == "builtin" or Path(d.tokenizer).is_dir(),
-          "'builtin' or a directory holding a Hugging Face tokenizer")
+    check("data.tokenizer", d.tokenizer in ("builtin", "bpe") or Path(d.tokenizer).is_dir(),
+          "'builtin', 'bpe' or a directory holding a Hugging Face tokenizer")
     check("model.family", m.family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"),
           "llama, mistral, qwen2, qwen3, gemma2 or gemma3_text")
     check("data.tokenizer_vocab_size", 256 + 8 <= d.tokenizer_vocab_size <= m.vocab_size,
@@ -286,6 +290,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("data.train_on", d.train_on in ("all_assistant", "last_assistant", "all"),
           "'all_assistant', 'last_assistant' or 'all'")
     check("data.seq_len", d.seq_len >= 8, "an integer >= 8")
+    check("data.truncation", d.truncation in ("left", "drop"), "'left' or 'drop'")
     check("data.batch_size", d.batch_size > 0, "a positive integer")
     check("data.packing_bins", d.packing_bins > 0, "a positive integer")
     check("optimizer.lr", o.lr > 0, "a positive learning rate")

@@ -36,8 +36,25 @@ def encode(example: dict, tokenizer: PreTrainedTokenizerBase, train_on: str) -> 
     return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
 
 
-def _trainable(features: dict[str, np.ndarray], seq_len: int) -> bool:
-    return features["loss_mask"].any() and len(features["inputs"]) <= seq_len
+def truncate(features: dict[str, np.ndarray], seq_len: int, policy: str) -> dict[str, np.ndarray] | None:
+    """Fit an example into a row, or None to drop it. "left" cuts the prompt from the
+    left and keeps everything from the first trained token on; an example whose trained
+    part alone is longer than a row is dropped either way."""
+    if len(features["inputs"]) <= seq_len:
+        return features
+    if policy == "drop":
+        return None
+    first_trained = int(np.argmax(features["loss_mask"]))
+    start = len(features["inputs"]) - seq_len
+    if start > first_trained:
+        return None
+    return {k: v[start:] for k, v in features.items()}
+
+
+def _fit(features: dict[str, np.ndarray], seq_len: int, policy: str) -> dict[str, np.ndarray] | None:
+    if not features["loss_mask"].any():
+        return None  # nothing to learn from: dropped
+    return truncate(features, seq_len, policy)
 
 
 def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -62,7 +79,7 @@ def train_dataset(
     # Shuffling the (lazy, index-only) mixture varies the task order within rows.
     local = mixture.shuffle(seed=config.seed)[process_index::process_count]
     encoded = local.map(functools.partial(encode, tokenizer=tokenizer, train_on=d.train_on))
-    encoded = encoded.filter(functools.partial(_trainable, seq_len=d.seq_len))
+    encoded = encoded.map(functools.partial(_fit, seq_len=d.seq_len, policy=d.truncation))
     packed = FirstFitPackIterDataset(
         encoded.to_iter_dataset(),
         length_struct={k: d.seq_len for k in FEATURES},
@@ -79,6 +96,17 @@ def mixture_rates(config: ConfigDict, registry: dict | None = None) -> dict[str,
     sizes = {name: tasks_lib.task_size(task, "train") for name, task in registry.items()}
     groups = {name: {"cap": 0, "temperature": 1.0, **group.to_dict()} for name, group in config.data.groups.items()}
     return task_rates(dict(config.data.mixture), groups, sizes)
+
+
+def tokenizer_corpus(config: ConfigDict):
+    """Text to train a "bpe" tokenizer on: the first training examples of every task in
+    the mixture (a deterministic sample, so every host trains the same tokenizer)."""
+    registry = tasks_lib.all_tasks(config)
+    for name in mixture_rates(config, registry):
+        examples = tasks_lib.train_examples(registry[name], config)
+        for i in range(config.data.tokenizer_corpus_examples):
+            for message in examples[i]["messages"]:
+                yield message["content"]
 
 
 def validation_examples(config: ConfigDict, task, held_out: bool) -> list[dict]:

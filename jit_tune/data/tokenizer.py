@@ -5,6 +5,7 @@ tokenizer carrying its chat template, saved in the workdir so a resume reads the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import tokenizers
@@ -28,6 +29,11 @@ BUILTIN_CHAT_TEMPLATE = (
 
 def train_builtin_tokenizer(vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE over the built-in tasks' text: any byte string stays encodable."""
+    return train_bpe(builtin_tasks.corpus(seed), vocab_size)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`, with the special tokens and chat template."""
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -37,7 +43,7 @@ def train_builtin_tokenizer(vocab_size: int, seed: int) -> PreTrainedTokenizerFa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(builtin_tasks.corpus(seed), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<|pad|>",
@@ -46,18 +52,22 @@ def train_builtin_tokenizer(vocab_size: int, seed: int) -> PreTrainedTokenizerFa
     )
 
 
-def get_tokenizer(name: str, workdir: str | Path, vocab_size: int, seed: int) -> PreTrainedTokenizerBase:
+def get_tokenizer(name: str, workdir: str | Path, vocab_size: int, seed: int,
+                  corpus: Callable[[], Iterable[str]] | None = None) -> PreTrainedTokenizerBase:
     """The run's tokenizer: the copy in `workdir/tokenizer` if there is one (a resume),
-    else built from `name` ("builtin" or a HF tokenizer dir) and saved there."""
+    else built from `name` and saved there: "builtin" (BPE on the built-in tasks),
+    "bpe" (BPE on `corpus()`, the training tasks' text), or a HF tokenizer dir."""
     saved = Path(workdir) / "tokenizer"
     if saved.exists():
         return AutoTokenizer.from_pretrained(saved)
     if name == "builtin":
         tokenizer = train_builtin_tokenizer(vocab_size, seed)
+    elif name == "bpe":
+        tokenizer = train_bpe(corpus(), vocab_size)
     else:
         if not Path(name).is_dir():
             raise FileNotFoundError(
-                f"config.data.tokenizer: {name!r} is neither 'builtin' nor a directory "
+                f"config.data.tokenizer: {name!r} is neither 'builtin', 'bpe' nor a directory "
                 "holding a Hugging Face tokenizer"
             )
         tokenizer = AutoTokenizer.from_pretrained(name)

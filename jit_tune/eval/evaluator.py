@@ -12,7 +12,7 @@ from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
 from jit_tune.data import tasks as tasks_lib
-from jit_tune.data.pipeline import encode, mixture_rates, validation_examples
+from jit_tune.data.pipeline import encode, mixture_rates, truncate, validation_examples
 from jit_tune.data.render import prompt_ids
 from jit_tune.eval.decode import generate_greedy
 from jit_tune.models.decoder import Decoder
@@ -21,11 +21,14 @@ from jit_tune.train.step import eval_losses
 GROUPS = (("held_in", False), ("held_out", True))
 
 
-def _unpacked_rows(features: list[dict], seq_len: int, batch: int) -> dict[str, np.ndarray]:
-    """One example per row, zero-padded (segment 0) to seq_len and to `batch` rows."""
+def _unpacked_rows(features: list[dict | None], seq_len: int, batch: int) -> dict[str, np.ndarray]:
+    """One example per row, zero-padded (segment 0) to seq_len and to `batch` rows; a
+    None (an example the truncation policy drops) leaves its row empty."""
     rows = {k: np.zeros((batch, seq_len), np.int32) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
     for i, f in enumerate(features):
-        n = min(len(f["inputs"]), seq_len)
+        if f is None:
+            continue
+        n = len(f["inputs"])
         for k in ("inputs", "targets", "loss_mask"):
             rows[k][i, :n] = f[k][:n]
         rows["segment_ids"][i, :n] = 1
@@ -46,7 +49,9 @@ def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigD
     loss_sums, counts = [], []
     for start in range(0, len(items), batch):
         chunk = items[start: start + batch]
-        features = [encode(ex, tokenizer, config.data.train_on) for _, _, ex in chunk]
+        # The training rows' truncation, so the loss is measured on what was trained.
+        features = [truncate(encode(ex, tokenizer, config.data.train_on), seq_len, config.data.truncation)
+                    for _, _, ex in chunk]
         row_loss, row_count = eval_losses(model, _unpacked_rows(features, seq_len, batch))
         loss_sums.extend(np.asarray(row_loss)[: len(chunk)])
         counts.extend(np.asarray(row_count)[: len(chunk)])
@@ -72,13 +77,13 @@ def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigD
     for task_results in results.values():
         for group, entry in task_results.items():
             task_results[group] = {
-                "loss": entry["loss_sum"] / max(entry["tokens"], 1.0),
+                "loss": entry["loss_sum"] / entry["tokens"] if entry["tokens"] else float("nan"),
                 "exact_match": entry["correct"] / entry["examples"],
                 "examples": entry["examples"],
             }
     results["mean"] = {
         group: {
-            metric: float(np.mean([r[group][metric] for r in results.values() if group in r]))
+            metric: float(np.nanmean([r[group][metric] for r in results.values() if group in r]))
             for metric in ("loss", "exact_match")
         }
         for group, _ in GROUPS

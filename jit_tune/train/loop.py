@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, save_config
-from jit_tune.data.pipeline import train_dataset
+from jit_tune.data.pipeline import tokenizer_corpus, train_dataset
 from jit_tune.data.tokenizer import get_tokenizer
 from jit_tune.eval import evaluator
 from jit_tune.train.checkpoint import Checkpointer
@@ -34,7 +34,8 @@ def setup(config: ConfigDict, workdir: Path):
     if jax.process_index() == 0:
         save_config(config, workdir / "config.json")
     d = config.data
-    tokenizer = get_tokenizer(d.tokenizer, workdir, d.tokenizer_vocab_size, d.builtin_seed)
+    tokenizer = get_tokenizer(d.tokenizer, workdir, d.tokenizer_vocab_size, d.builtin_seed,
+                              corpus=lambda: tokenizer_corpus(config))
     if len(tokenizer) > config.model.vocab_size:
         raise ConfigError(
             f"config.model.vocab_size = {config.model.vocab_size}: expected at least the tokenizer's "

@@ -1,0 +1,104 @@
+"""Mixture rules, nested groups, file tasks in the pipeline, and the T0 config."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from jit_tune.data.mixture import MixtureError, task_rates
+from jit_tune.data.pipeline import mixture_rates, train_dataset, truncate
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIZES = {"a": 100.0, "b": 300.0, "c": 5000.0, "gen": float("inf")}
+
+
+def _group(tasks, rule, cap=0, temperature=1.0):
+    return {"tasks": tasks, "rule": rule, "cap": cap, "temperature": temperature}
+
+
+def test_explicit_rates_are_normalized():
+    assert task_rates({"a": 1, "b": 3}, {}, SIZES) == {"a": 0.25, "b": 0.75}
+
+
+def test_examples_proportional_with_cap():
+    rates = task_rates({"g": 1}, {"g": _group(("a", "b", "c"), "examples", cap=1000)}, SIZES)
+    assert rates == pytest.approx({"a": 100 / 1400, "b": 300 / 1400, "c": 1000 / 1400})
+
+
+def test_temperature_flattens_towards_equal():
+    rates = task_rates({"g": 1}, {"g": _group(("a", "b"), "temperature", temperature=2.0)}, SIZES)
+    assert rates == pytest.approx({"a": 10 / (10 + 300**0.5), "b": 300**0.5 / (10 + 300**0.5)})
+
+
+def test_nested_groups_split_each_rate_by_their_own_rule():
+    groups = {"small": _group(("a", "b"), "examples"), "all": _group(("small", "c"), "equal")}
+    rates = task_rates({"all": 2, "gen": 2}, groups, SIZES)
+    assert rates == pytest.approx({"a": 0.0625, "b": 0.1875, "c": 0.25, "gen": 0.5})
+
+
+@pytest.mark.parametrize("mixture, groups, message", [
+    ({"nope": 1}, {}, "'nope' is neither a task nor a group"),
+    ({"g": 1}, {"g": _group(("g",), "equal")}, "group 'g' contains itself"),
+    ({"g": 1}, {"g": _group(("a", "gen"), "examples")}, "unbounded size: expected a cap"),
+    ({"g": 1}, {"g": _group(("a",), "sideways")}, r"rule = 'sideways': expected one of"),
+    ({"a": 0}, {}, "at least one task or group with a rate > 0"),
+])
+def test_bad_mixtures_are_named(mixture, groups, message):
+    with pytest.raises(MixtureError, match=message):
+        task_rates(mixture, groups, SIZES)
+
+
+def test_bad_group_in_a_config_is_rejected_at_load(tmp_path):
+    from jit_tune.config import ConfigError, load_config
+
+    path = tmp_path / "cfg.py"
+    path.write_text(
+        "from ml_collections import ConfigDict\nfrom jit_tune.config import default_config\n\n"
+        "def get_config():\n    c = default_config()\n"
+        "    c.data.groups = ConfigDict({'g': {'tasks': ('reverse', 'sortt'), 'rule': 'equal'}})\n"
+        "    c.data.mixture = ConfigDict({'g': 1.0})\n    return c\n"
+    )
+    with pytest.raises(ConfigError, match=rf"{path}: config.data.mixture: 'sortt' is neither a task nor a group"):
+        load_config(str(path))
+
+
+def test_truncation_cuts_the_prompt_from_the_left_or_drops():
+    features = {"inputs": np.arange(10), "targets": np.arange(1, 11), "loss_mask": np.array([0] * 7 + [1] * 3)}
+    cut = truncate(features, 6, "left")
+    assert cut["inputs"].tolist() == [4, 5, 6, 7, 8, 9] and cut["loss_mask"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert truncate(features, 6, "drop") is None
+    assert truncate(features, 2, "left") is None  # the response alone does not fit
+    assert truncate(features, 10, "drop") is features
+
+
+def test_file_tasks_mix_with_built_in_tasks(tmp_path, tokenizer, smoke_config):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"q": f"Say {w}.", "a": w}) + "\n" for w in ("owl", "cake", "egg") * 50))
+    smoke_config.data.tasks = ConfigDict({"say": {"path": str(path), "fields": {"prompt": "q", "completion": "a"}}})
+    smoke_config.data.mixture = ConfigDict({"say": 3.0, "reverse": 1.0})
+    assert mixture_rates(smoke_config) == {"say": 0.75, "reverse": 0.25}
+    batch = next(iter(train_dataset(smoke_config, tokenizer)))
+    text = tokenizer.decode(batch["inputs"][batch["segment_ids"] > 0])
+    assert "Say owl." in text or "Say cake." in text or "Say egg." in text
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is absent (a fresh clone); it holds the T0 sample")
+def test_t0_config_mixes_clusters_equally_and_trains_end_to_end(tmp_path, capsys):
+    from jit_tune.cli import main
+    from jit_tune.config import load_config
+
+    config = load_config("configs/t0.py:smoke")
+    rates = mixture_rates(config)
+    assert len(rates) == 27 and sum(rates.values()) == pytest.approx(1.0)
+    assert rates["t0/common_gen"] == pytest.approx(1 / 8)  # a cluster of one task
+    assert rates["t0/ag_news"] + rates["t0/dbpedia_14"] == pytest.approx(1 / 8)
+
+    workdir = tmp_path / "t0"
+    assert main(["train", "--config", "configs/t0.py:smoke", "--workdir", str(workdir)]) == 0
+    assert "t0/ag_news" in capsys.readouterr().out
+    assert len(json.loads((workdir / "tokenizer/tokenizer.json").read_text())["model"]["vocab"]) == 1024
+    losses = [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert all(np.isfinite(losses))

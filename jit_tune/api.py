@@ -66,7 +66,7 @@ def load_workdir(workdir: str | Path, overrides: Sequence[str] = ()):
         raise ConfigError(f"{workdir}/checkpoints: no checkpoint to load")
     d = config.data
     tokenizer = get_tokenizer(d.tokenizer, workdir, d.tokenizer_vocab_size, d.builtin_seed,
-                              corpus=lambda: tokenizer_corpus(config))
+                              corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
     mesh = mesh_lib.make_mesh(config)
     model, optimizer = create_model_and_optimizer(config, mesh, abstract=True)
     checkpointer.restore(step, model, optimizer)

@@ -72,6 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
     # "builtin" (a BPE trained on the built-in tasks), "bpe" (a BPE trained on the
     # mixture's training text), or a Hugging Face tokenizer dir.
     c.data.tokenizer = "builtin"
+    c.data.chat_template = ""  # "": the tokenizer's own; or plain, alpaca, chatml, llama3
     c.data.tokenizer_vocab_size = 512
     c.data.tokenizer_corpus_examples = 2000  # per task, for tokenizer = "bpe"
     c.data.builtin_seed = 0  # the built-in suite's examples are a function of this seed
@@ -291,6 +292,8 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
           "'all_assistant', 'last_assistant' or 'all'")
     check("data.seq_len", d.seq_len >= 8, "an integer >= 8")
     check("data.truncation", d.truncation in ("left", "drop"), "'left' or 'drop'")
+    check("data.chat_template", d.chat_template in ("", "plain", "alpaca", "chatml", "llama3"),
+          "'' (the tokenizer's own), 'plain', 'alpaca', 'chatml' or 'llama3'")
     check("data.batch_size", d.batch_size > 0, "a positive integer")
     check("data.packing_bins", d.packing_bins > 0, "a positive integer")
     check("optimizer.lr", o.lr > 0, "a positive learning rate")

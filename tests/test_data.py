@@ -65,3 +65,34 @@ def test_rows_are_packed_with_restarting_positions_and_no_cross_segment_targets(
             # the last target of a segment is its EOS: nothing is predicted across segments
             assert batch["targets"][row, where[-1]] == tokenizer.eos_token_id
         assert not batch["loss_mask"][row][seg == 0].any()
+
+
+@pytest.mark.parametrize("name", ["plain", "alpaca", "chatml", "llama3"])
+def test_named_chat_templates_train_exactly_each_reply_and_its_end_token(name):
+    from jit_tune.data.chat_templates import apply_chat_template
+    from jit_tune.data.render import prompt_ids
+    from jit_tune.data.tokenizer import train_builtin_tokenizer
+
+    tokenizer = apply_chat_template(train_builtin_tokenizer(400, seed=0), name)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Reverse: owl cake"},
+        {"role": "assistant", "content": "cake owl"},
+        {"role": "user", "content": "Count: owl cake"},
+        {"role": "assistant", "content": "2"},
+    ]
+    ids, mask = tokenize_conversation(tokenizer, messages)
+    eos = tokenizer.eos_token
+    assert tokenizer.decode(ids[mask.astype(bool)]) == f"cake owl{eos}2{eos}"
+    assert ids[-1] == tokenizer.eos_token_id and mask[-1] == 1
+    assert list(ids[: len(prompt_ids(tokenizer, messages[:2]))]) == prompt_ids(tokenizer, messages[:2])
+    if name == "llama3":
+        assert tokenizer.decode(ids[:1]) == "<|begin_of_text|>" and tokenizer.decode(ids[1:2]) != "<|begin_of_text|>"
+
+
+def test_unknown_chat_template_is_named():
+    from jit_tune.data.chat_templates import apply_chat_template
+    from jit_tune.data.tokenizer import train_builtin_tokenizer
+
+    with pytest.raises(ValueError, match="chat_template = 'vicuna': expected '' .* or one of plain, alpaca"):
+        apply_chat_template(train_builtin_tokenizer(300, seed=0), "vicuna")

@@ -13,6 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from jit_tune.data import builtin_tasks
+from jit_tune.data.chat_templates import apply_chat_template
 
 SPECIAL_TOKENS = ("<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>")
 
@@ -53,10 +54,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def get_tokenizer(name: str, workdir: str | Path, vocab_size: int, seed: int,
-                  corpus: Callable[[], Iterable[str]] | None = None) -> PreTrainedTokenizerBase:
+                  corpus: Callable[[], Iterable[str]] | None = None, chat_template: str = "") -> PreTrainedTokenizerBase:
     """The run's tokenizer: the copy in `workdir/tokenizer` if there is one (a resume),
     else built from `name` and saved there: "builtin" (BPE on the built-in tasks),
-    "bpe" (BPE on `corpus()`, the training tasks' text), or a HF tokenizer dir."""
+    "bpe" (BPE on `corpus()`, the training tasks' text), or a HF tokenizer dir; a named
+    `chat_template` replaces the tokenizer's own."""
     saved = Path(workdir) / "tokenizer"
     if saved.exists():
         return AutoTokenizer.from_pretrained(saved)
@@ -71,5 +73,7 @@ def get_tokenizer(name: str, workdir: str | Path, vocab_size: int, seed: int,
                 "holding a Hugging Face tokenizer"
             )
         tokenizer = AutoTokenizer.from_pretrained(name)
+    if chat_template:
+        apply_chat_template(tokenizer, chat_template)
     tokenizer.save_pretrained(saved)
     return tokenizer

@@ -35,7 +35,7 @@ def setup(config: ConfigDict, workdir: Path):
         save_config(config, workdir / "config.json")
     d = config.data
     tokenizer = get_tokenizer(d.tokenizer, workdir, d.tokenizer_vocab_size, d.builtin_seed,
-                              corpus=lambda: tokenizer_corpus(config))
+                              corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
     if len(tokenizer) > config.model.vocab_size:
         raise ConfigError(
             f"config.model.vocab_size = {config.model.vocab_size}: expected at least the tokenizer's "

@@ -2,6 +2,7 @@
 
     jit-tune train --config configs/tiny.py --workdir runs/tiny --config.optimizer.lr=3e-4
     jit-tune eval  --workdir runs/tiny
+    jit-tune data inspect --config configs/t0.py
     jit-tune export --workdir runs/tiny --out runs/tiny/hf
     jit-tune generate --workdir runs/tiny --prompt "Sort these words: owl cake"     (or --hf DIR)
 
@@ -28,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     export = verbs.add_parser("export", help="write the latest checkpoint as a Hugging Face model dir")
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True)
+    data = verbs.add_parser("data", help="look at the data a config trains on")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    inspect = data_verbs.add_parser("inspect", help="rendered examples, mixture, lengths, packing; no model")
+    inspect.add_argument("--config", required=True)
+    inspect.add_argument("--examples", type=int, default=3, help="rendered examples to show")
+    inspect.add_argument("--sample", type=int, default=2000, help="examples sampled for the statistics")
     gen = verbs.add_parser("generate", help="reply to a prompt through the chat template")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a jit-tune workdir (its latest checkpoint)")
@@ -54,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # would mislead. Imported here so that `--help` answers without loading JAX.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from jit_tune.config import ConfigError
+    from jit_tune.data.sources import SourceError
 
     try:
         if args.verb == "train":
@@ -65,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
             from jit_tune.api import evaluate_workdir
 
             evaluate_workdir(Path(args.workdir), overrides)
+        elif args.verb == "data":
+            import tempfile
+
+            from jit_tune.config import load_config
+            from jit_tune.data.inspect import inspect_data
+            from jit_tune.data.pipeline import tokenizer_corpus
+            from jit_tune.data.tokenizer import get_tokenizer
+
+            config = load_config(args.config, overrides)
+            d = config.data
+            with tempfile.TemporaryDirectory() as scratch:  # tokenizers are built as training would
+                tokenizer = get_tokenizer(d.tokenizer, scratch, d.tokenizer_vocab_size, d.builtin_seed,
+                                          corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
+            inspect_data(config, tokenizer, args.examples, args.sample)
         elif args.verb == "export":
             from jit_tune.api import export_workdir
 
@@ -80,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                         args.top_k, args.top_p, args.seed, args.stop)
             for prompt, reply in zip(args.prompt, replies):
                 print(f"> {prompt}\n{reply}")
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, SourceError) as e:
         print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a diverged run: the last good checkpoint stays

@@ -102,3 +102,18 @@ def test_t0_config_mixes_clusters_equally_and_trains_end_to_end(tmp_path, capsys
     losses = [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert all(np.isfinite(losses))
+
+
+def test_data_inspect_reports_mixture_lengths_and_packing(tokenizer, smoke_config, capsys):
+    from jit_tune.cli import main
+    from jit_tune.data.inspect import inspect_data
+
+    smoke_config.data.mixture = ConfigDict({"reverse": 3.0, "count": 1.0})
+    stats = inspect_data(smoke_config, tokenizer, n_show=1, n_sample=400, n_batches=2)
+    assert stats["rates"] == {"count": 0.25, "reverse": 0.75}
+    assert stats["realized"]["reverse"] == pytest.approx(0.75, abs=0.05)
+    assert 0.8 < stats["packing_efficiency"] <= 1.0 and stats["examples_per_row"] > 1
+    assert stats["dropped_untrained"] == 0 and stats["truncated"] == 0
+    assert main(["data", "inspect", "--config", "configs/tiny.py:smoke", "--sample", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "Mixture: realized" in out and "Packing" in out and "<|assistant|>" in out

@@ -71,13 +71,7 @@ def train_dataset(
     d = config.data
     if d.batch_size % process_count:
         raise ValueError(f"config.data.batch_size = {d.batch_size}: expected a multiple of the {process_count} processes")
-    rates = mixture_rates(config)
-    registry = tasks_lib.all_tasks(config)
-    mixture = grain.MapDataset.mix(
-        [tasks_lib.train_examples(registry[name], config) for name in rates], weights=list(rates.values())
-    )
-    # Shuffling the (lazy, index-only) mixture varies the task order within rows.
-    local = mixture.shuffle(seed=config.seed)[process_index::process_count]
+    local = mixed_examples(config)[process_index::process_count]
     encoded = local.map(functools.partial(encode, tokenizer=tokenizer, train_on=d.train_on))
     encoded = encoded.map(functools.partial(_fit, seq_len=d.seq_len, policy=d.truncation))
     packed = FirstFitPackIterDataset(
@@ -88,6 +82,17 @@ def train_dataset(
         shuffle_bins=True,
     )
     return packed.map(_to_row).batch(d.batch_size // process_count, drop_remainder=True)
+
+
+def mixed_examples(config: ConfigDict) -> grain.MapDataset:
+    """Conversation examples drawn from every task at its mixture rate, in a shuffled
+    (lazy, index-only) order that varies the task order within rows."""
+    registry = tasks_lib.all_tasks(config)
+    rates = mixture_rates(config, registry)
+    mixture = grain.MapDataset.mix(
+        [tasks_lib.train_examples(registry[name], config) for name in rates], weights=list(rates.values())
+    )
+    return mixture.shuffle(seed=config.seed)
 
 
 def mixture_rates(config: ConfigDict, registry: dict | None = None) -> dict[str, float]:

@@ -1,0 +1,88 @@
+"""`jit-tune data inspect`: look at what training will see, without compiling a model.
+
+Prints a few rendered examples with the trained tokens highlighted, the realized
+mixture proportions against the configured rates, a histogram of example lengths, and
+packing statistics, all from the same pipeline functions training uses.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+import numpy as np
+from ml_collections import ConfigDict
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from transformers import PreTrainedTokenizerBase
+
+from jit_tune.data.pipeline import encode, mixed_examples, mixture_rates, train_dataset, truncate
+
+
+def _highlighted(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray, mask: np.ndarray) -> Text:
+    text = Text()
+    for trained, run in itertools.groupby(zip(ids, mask), key=lambda pair: bool(pair[1])):
+        piece = tokenizer.decode([int(i) for i, _ in run])
+        text.append(piece, style="bold green" if trained else "dim")
+    return text
+
+
+def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, n_show: int = 3, n_sample: int = 2000,
+                 n_batches: int = 8, console: Console | None = None) -> dict:
+    """Print the report; returns its numbers (for tests and notebooks)."""
+    console = console or Console()
+    d = config.data
+    examples = mixed_examples(config)
+    sample = [examples[i] for i in range(n_sample)]
+
+    console.rule("Rendered examples (trained tokens in bold green)")
+    for example in sample[:n_show]:
+        features = encode(example, tokenizer, d.train_on)
+        inputs = np.concatenate([features["inputs"][:1], features["targets"]])
+        mask = np.concatenate([[0], features["loss_mask"]])
+        console.print(f"[bold]{example['task']}[/bold] (template {example['template_id']})")
+        console.print(_highlighted(tokenizer, inputs, mask))
+        console.print()
+
+    rates = mixture_rates(config)
+    counts = collections.Counter(example["task"] for example in sample)
+    table = Table(title=f"Mixture: realized over the first {n_sample:,} examples")
+    for column in ("task", "rate", "realized"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task, rate in rates.items():
+        table.add_row(task, f"{rate:.2%}", f"{counts[task] / n_sample:.2%}")
+    console.print(table)
+
+    encoded = [encode(example, tokenizer, d.train_on) for example in sample]
+    lengths = np.asarray([len(f["inputs"]) for f in encoded])
+    untrained = sum(not f["loss_mask"].any() for f in encoded)
+    fitted = [truncate(f, d.seq_len, d.truncation) for f in encoded if f["loss_mask"].any()]
+    dropped = sum(f is None for f in fitted)
+    truncated = sum(f is not None and len(f["inputs"]) < len(g["inputs"])
+                    for f, g in zip(fitted, [g for g in encoded if g["loss_mask"].any()]))
+    edges = np.unique(np.quantile(lengths, np.linspace(0, 1, 9)).astype(int))
+    histogram, _ = np.histogram(lengths, bins=np.append(edges[:-1], edges[-1] + 1))
+    console.rule(f"Example lengths in tokens (row length {d.seq_len})")
+    for lo, hi, count in zip(edges[:-1], edges[1:], histogram):
+        console.print(f"{lo:>7}-{hi:<7} {'#' * int(60 * count / max(histogram.max(), 1))} {count}")
+
+    rows = list(itertools.islice(iter(train_dataset(config, tokenizer)), n_batches))
+    segments = np.concatenate([b["segment_ids"] for b in rows])
+    efficiency = float((segments > 0).mean())
+    per_row = float(segments.max(axis=1).mean())
+    stats = {
+        "rates": rates,
+        "realized": {t: counts[t] / n_sample for t in rates},
+        "packing_efficiency": efficiency,
+        "examples_per_row": per_row,
+        "truncated": truncated,
+        "dropped_too_long": dropped,
+        "dropped_untrained": untrained,
+        "sampled": n_sample,
+    }
+    console.rule("Packing")
+    console.print(f"{len(segments)} rows of {d.seq_len}: {efficiency:.1%} real tokens, {per_row:.1f} examples a row; "
+                  f"of {n_sample:,} sampled examples {truncated} truncated, {dropped} dropped as too long, "
+                  f"{untrained} dropped with no trained token")
+    return stats

@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
     #   task_dirs.<prefix> = {path, format}: every <path>/<task>/ is a task "<prefix>/<task>", each file a template
     c.data.tasks = ml_collections.ConfigDict()
     c.data.task_dirs = ml_collections.ConfigDict()
+    c.data.on_bad_record = "error"  # or "skip": count bad records, log the first reasons, go on
     c.data.validation_share = 0.02  # of each file task's records, held out by a hash of (task, index)
     # Groups for nested mixtures: groups.<name> = {tasks: (names...), rule: equal|examples|temperature,
     # cap: int (0: none), temperature: float}. See data/mixture.py.
@@ -91,7 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 128  # packed row length
     c.data.truncation = "left"  # longer examples: "left" cuts the prompt's start, "drop" skips them
     c.data.batch_size = 32  # rows per global batch
-    c.data.packing_bins = 16
+    c.data.packing = "best_fit"  # or "first_fit" (Grain's packers)
+    c.data.packing_bins = 256  # rows kept open; more fill better and cost memory
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 3e-3
@@ -283,6 +285,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
         check(f"data.mixture.{task}", isinstance(rate, (int, float)) and rate >= 0, "a rate >= 0")
     check("data.mixture", sum(d.mixture.values()) > 0, "at least one task or group with a rate > 0")
     check("data.validation_share", 0 <= d.validation_share < 1, "a share in [0, 1)")
+    check("data.on_bad_record", d.on_bad_record in ("error", "skip"), "'error' or 'skip'")
     for name, spec in list(d.tasks.items()) + list(d.task_dirs.items()):
         check(f"data.{'tasks' if name in d.tasks else 'task_dirs'}.{name}",
               isinstance(spec, ml_collections.ConfigDict) and "path" in spec and Path(spec.path).exists(),
@@ -296,6 +299,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
           "'' (the tokenizer's own), 'plain', 'alpaca', 'chatml' or 'llama3'")
     check("data.batch_size", d.batch_size > 0, "a positive integer")
     check("data.packing_bins", d.packing_bins > 0, "a positive integer")
+    check("data.packing", d.packing in ("best_fit", "first_fit"), "'best_fit' or 'first_fit'")
     check("optimizer.lr", o.lr > 0, "a positive learning rate")
     check("optimizer.warmup_steps", 0 <= o.warmup_steps < t.steps, f"an integer in [0, train.steps={t.steps})")
     check("optimizer.end_lr_ratio", 0 <= o.end_lr_ratio <= 1, "a number in [0, 1]")

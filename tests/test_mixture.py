@@ -117,3 +117,29 @@ def test_data_inspect_reports_mixture_lengths_and_packing(tokenizer, smoke_confi
     assert main(["data", "inspect", "--config", "configs/tiny.py:smoke", "--sample", "100"]) == 0
     out = capsys.readouterr().out
     assert "Mixture: realized" in out and "Packing" in out and "<|assistant|>" in out
+
+
+def test_bad_records_stop_the_run_with_their_location_or_are_skipped_and_counted(tmp_path, tokenizer, smoke_config):
+    from jit_tune.data.sources import SourceError
+    from jit_tune.data.tasks import SKIPPED
+
+    path = tmp_path / "qa.jsonl"
+    lines = [json.dumps({"prompt": f"Say {w}.", "completion": w}) for w in ("owl", "cake") * 30]
+    lines[7] = json.dumps({"prompt": "no answer here"})
+    lines[12] = '{"prompt": "broken'
+    path.write_text("\n".join(lines) + "\n")
+    smoke_config.data.tasks = ConfigDict({"say": {"path": str(path)}})
+    smoke_config.data.mixture = ConfigDict({"say": 1.0})
+    smoke_config.data.validation_share = 0.0
+    with pytest.raises(SourceError, match=r"qa.jsonl:(8: missing field 'completion'|13: malformed JSON)"):
+        for _ in range(3):
+            next(iter(train_dataset(smoke_config, tokenizer)))
+
+    smoke_config.data.on_bad_record = "skip"
+    SKIPPED.count, SKIPPED.reasons = 0, []
+    iterator = iter(train_dataset(smoke_config, tokenizer))
+    for _ in range(3):  # 24 rows of ~5 examples: every record is read at least once
+        next(iterator)
+    assert SKIPPED.count >= 2  # both bad records, once per epoch read
+    reasons = " | ".join(SKIPPED.reasons)
+    assert "qa.jsonl:8: missing field 'completion'" in reasons and "qa.jsonl:13: malformed JSON" in reasons

@@ -17,7 +17,7 @@ import functools
 
 import grain
 import numpy as np
-from grain.experimental import FirstFitPackIterDataset
+from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset
 from ml_collections import ConfigDict
 from transformers import PreTrainedTokenizerBase
 
@@ -74,14 +74,17 @@ def train_dataset(
     local = mixed_examples(config)[process_index::process_count]
     encoded = local.map(functools.partial(encode, tokenizer=tokenizer, train_on=d.train_on))
     encoded = encoded.map(functools.partial(_fit, seq_len=d.seq_len, policy=d.truncation))
-    packed = FirstFitPackIterDataset(
-        encoded.to_iter_dataset(),
-        length_struct={k: d.seq_len for k in FEATURES},
-        num_packing_bins=d.packing_bins,
-        seed=config.seed,
-        shuffle_bins=True,
-    )
+    packed = pack(encoded.to_iter_dataset(), config)
     return packed.map(_to_row).batch(d.batch_size // process_count, drop_remainder=True)
+
+
+def pack(examples: grain.IterDataset, config: ConfigDict) -> grain.IterDataset:
+    """Grain's packer chosen by config.data.packing over config.data.packing_bins open
+    rows (tools/bench_packing.py measures the choices)."""
+    d = config.data
+    packer = {"best_fit": BestFitPackIterDataset, "first_fit": FirstFitPackIterDataset}[d.packing]
+    return packer(examples, length_struct={k: d.seq_len for k in FEATURES}, num_packing_bins=d.packing_bins,
+                  seed=config.seed, shuffle_bins=True)
 
 
 def mixed_examples(config: ConfigDict) -> grain.MapDataset:
@@ -124,4 +127,5 @@ def validation_examples(config: ConfigDict, task, held_out: bool) -> list[dict]:
         ]
     if held_out:
         return []
-    return [task.example("validation", i) for i in range(min(task.size("validation"), config.eval.examples_per_task))]
+    examples = (task.example("validation", i) for i in range(min(task.size("validation"), config.eval.examples_per_task)))
+    return [example for example in examples if example is not None]

@@ -24,6 +24,25 @@ from jit_tune.data.sources import SourceError, open_source, task_directory
 _GENERATED = 2**40  # index space of a generated task
 
 
+class SkippedRecords:
+    """Bad records skipped under data.on_bad_record = "skip": a count and the first
+    reasons, for the run's log. (Counted in the process that reads; with Grain worker
+    processes each worker keeps its own.)"""
+
+    keep = 5
+
+    def __init__(self):
+        self.count, self.reasons = 0, []
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < self.keep:
+            self.reasons.append(reason)
+
+
+SKIPPED = SkippedRecords()
+
+
 @dataclasses.dataclass
 class FileTask:
     name: str
@@ -31,6 +50,7 @@ class FileTask:
     format: str
     fields: dict
     validation_share: float
+    skip_bad_records: bool = False
 
     def __post_init__(self):
         self._starts = np.cumsum([0] + [len(source) for _, source in self.templates])
@@ -42,11 +62,19 @@ class FileTask:
     def size(self, split: str) -> int:
         return len(self.indices[split])
 
-    def example(self, split: str, position: int) -> dict:
+    def example(self, split: str, position: int) -> dict | None:
+        """The conversation at `position` of `split`; None for a bad record when
+        skipping (Grain drops Nones), else the SourceError naming file, line and field."""
         index = int(self.indices[split][position])
         part = int(np.searchsorted(self._starts, index, side="right") - 1)
         template, source = self.templates[part]
-        example = to_conversation(source[index - self._starts[part]], self.format, self.fields)
+        try:
+            example = to_conversation(source[index - self._starts[part]], self.format, self.fields)
+        except SourceError as e:
+            if not self.skip_bad_records:
+                raise
+            SKIPPED.add(str(e))
+            return None
         return {"task": self.name, "template_id": part, "template": template, **example}
 
 
@@ -73,13 +101,15 @@ def file_tasks(config: ConfigDict) -> dict[str, FileTask]:
     for name, raw in d.tasks.items():
         spec = _spec(raw, FILE_TASK_FIELDS, f"config.data.tasks.{name}")
         source = open_source(spec["path"], spec["kind"], spec["split"], spec["data_files"])
-        tasks[name] = FileTask(name, [(name, source)], spec["format"], spec["fields"], d.validation_share)
+        tasks[name] = FileTask(name, [(name, source)], spec["format"], spec["fields"], d.validation_share,
+                               d.on_bad_record == "skip")
     for prefix, raw in d.task_dirs.items():
         spec = _spec(raw, TASK_DIR_FIELDS, f"config.data.task_dirs.{prefix}")
         for task, templates in task_directory(spec["path"]).items():
             parts = [(template, open_source(str(path))) for template, path in templates.items()]
             name = f"{prefix}/{task}"
-            tasks[name] = FileTask(name, parts, spec["format"], spec["fields"], d.validation_share)
+            tasks[name] = FileTask(name, parts, spec["format"], spec["fields"], d.validation_share,
+                                   d.on_bad_record == "skip")
     for task in tasks.values():
         if task.format not in DEFAULT_FIELDS:
             raise SourceError(f"config.data task {task.name!r}: format {task.format!r}: expected one of "

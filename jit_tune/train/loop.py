@@ -18,6 +18,7 @@ from tqdm import tqdm
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, save_config
 from jit_tune.data.pipeline import tokenizer_corpus, train_dataset
+from jit_tune.data.tasks import SKIPPED
 from jit_tune.data.tokenizer import get_tokenizer
 from jit_tune.eval import evaluator
 from jit_tune.train.checkpoint import Checkpointer
@@ -93,6 +94,9 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                     _evaluate(model, tokenizer, config, step, workdir, writer)
             progress.close()
             checkpointer.wait()
+            if SKIPPED.count and is_main:
+                reasons = "\n  ".join(SKIPPED.reasons)
+                print(f"Skipped {SKIPPED.count} bad records (data.on_bad_record = 'skip'); the first:\n  {reasons}")
             if step < t.steps:
                 return None
             return _evaluate(model, tokenizer, config, step, workdir, writer)
@@ -128,6 +132,8 @@ def _finish(step: int, metrics, tokens: int, log: bool, writer: MetricsWriter, p
         raise FloatingPointError(f"step {step}: loss is {loss}; stopping (the last good checkpoint is kept)")
     if log:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if SKIPPED.count:
+            values["skipped_records"] = SKIPPED.count
         values.update(lr=float(schedule(step - 1)), tokens_per_sec=throughput.take())
         writer.write(step, values)
         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_sec']:,.0f}")

@@ -10,9 +10,11 @@ tokens/s reports. Worker counts > 0 use Grain's multiprocess prefetch.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import grain
+from absl import flags
 
 from jit_tune.config import load_config
 from jit_tune.data.pipeline import tokenizer_corpus, train_dataset
@@ -22,13 +24,12 @@ from jit_tune.data.tokenizer import get_tokenizer
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.py")
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args, overrides = parser.parse_known_args()
     config = load_config(args.config, overrides)
     d = config.data
-    import tempfile
-
+    flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = get_tokenizer(d.tokenizer, scratch, d.tokenizer_vocab_size, d.builtin_seed,
                                   corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)

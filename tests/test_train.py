@@ -77,6 +77,9 @@ def test_cli_train_twice_resumes_and_writes_the_workdir(tmp_path, capsys):
     assert list((workdir / "tensorboard").iterdir())
     results = json.loads((workdir / "eval/results.json").read_text())["results"]
     assert {"held_in", "held_out"} <= set(results["reverse"])
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    shares = {k: v for k, v in logged[0].items() if k.startswith("mixture/")}
+    assert len(shares) == 12 and sum(shares.values()) == pytest.approx(1.0)  # the realized mixture
 
     assert main(args) == 0  # the same command again: resumes at the end, evaluates again
     assert "Resumed from" in capsys.readouterr().out

@@ -9,6 +9,7 @@ Rows leave the pipeline as int32 arrays [rows, seq_len]:
   loss_mask          1 where the target is trained (responses and their EOS)
   segment_ids        which packed example a token belongs to, 0 for padding
   positions          position within its example, restarting at 0
+  task_ids           which task of the mixture a token came from (host-side, for logs)
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from jit_tune.data.mixture import task_rates
 from jit_tune.data.render import tokenize_conversation
 
 FEATURES = ("inputs", "targets", "loss_mask")
-ROW_FEATURES = FEATURES + ("segment_ids", "positions")
+# task_ids: 1 + the task's index in the mixture, per token (0 for padding); host-side
+# only, for logging the realized mixture.
+ROW_FEATURES = FEATURES + ("segment_ids", "positions", "task_ids")
 
 
 def encode(example: dict, tokenizer: PreTrainedTokenizerBase, train_on: str) -> dict[str, np.ndarray]:
@@ -57,8 +60,14 @@ def _fit(features: dict[str, np.ndarray], seq_len: int, policy: str) -> dict[str
     return truncate(features, seq_len, policy)
 
 
+def _tagged(example: dict, task_index: dict[str, int], tokenizer, train_on: str) -> dict[str, np.ndarray]:
+    features = encode(example, tokenizer, train_on)
+    features["task_ids"] = np.full(len(features["inputs"]), task_index[example["task"]] + 1, np.int32)
+    return features
+
+
 def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    row = {k: packed[k].astype(np.int32) for k in FEATURES}
+    row = {k: packed[k].astype(np.int32) for k in FEATURES + ("task_ids",)}
     row["segment_ids"] = packed["inputs_segment_ids"].astype(np.int32)
     row["positions"] = packed["inputs_positions"].astype(np.int32)
     return row
@@ -72,22 +81,23 @@ def train_dataset(
     if d.batch_size % process_count:
         raise ValueError(f"config.data.batch_size = {d.batch_size}: expected a multiple of the {process_count} processes")
     local = mixed_examples(config)[process_index::process_count]
-    encoded = local.map(functools.partial(encode, tokenizer=tokenizer, train_on=d.train_on))
+    task_index = {name: i for i, name in enumerate(mixture_rates(config))}
+    encoded = local.map(functools.partial(_tagged, task_index=task_index, tokenizer=tokenizer, train_on=d.train_on))
     encoded = encoded.map(functools.partial(_fit, seq_len=d.seq_len, policy=d.truncation))
     # Rendering runs inline: Grain's thread prefetch polls its futures under the GIL and
     # cut throughput by 2.3x here (tools/bench_pipeline.py); parallel reading is for
     # worker processes (mp_prefetch).
     inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    packed = pack(encoded.to_iter_dataset(inline), config)
+    packed = pack(encoded.to_iter_dataset(inline), config, FEATURES + ("task_ids",))
     return packed.map(_to_row).batch(d.batch_size // process_count, drop_remainder=True)
 
 
-def pack(examples: grain.IterDataset, config: ConfigDict) -> grain.IterDataset:
+def pack(examples: grain.IterDataset, config: ConfigDict, features: tuple[str, ...] = FEATURES) -> grain.IterDataset:
     """Grain's packer chosen by config.data.packing over config.data.packing_bins open
     rows (tools/bench_packing.py measures the choices)."""
     d = config.data
     packer = {"best_fit": BestFitPackIterDataset, "first_fit": FirstFitPackIterDataset}[d.packing]
-    return packer(examples, length_struct={k: d.seq_len for k in FEATURES}, num_packing_bins=d.packing_bins,
+    return packer(examples, length_struct={k: d.seq_len for k in features}, num_packing_bins=d.packing_bins,
                   seed=config.seed, shuffle_bins=True)
 
 

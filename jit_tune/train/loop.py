@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, save_config
-from jit_tune.data.pipeline import tokenizer_corpus, train_dataset
+from jit_tune.data.pipeline import mixture_rates, tokenizer_corpus, train_dataset
 from jit_tune.data.tasks import SKIPPED
 from jit_tune.data.tokenizer import get_tokenizer
 from jit_tune.eval import evaluator
@@ -74,20 +74,22 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     # counts finished steps rather than queued ones.
     in_flight = None
     throughput = _Throughput()
+    mixture = _RealizedMixture(list(mixture_rates(config)))
     last_step = min(t.steps, stop_at_step or t.steps)
     try:
         with jax.set_mesh(mesh):
             while step < last_step:
                 local = next(data_iterator)
+                mixture.add(local.pop("task_ids"), local["positions"], local["segment_ids"])
                 tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
                 metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh))
                 step += 1
                 if in_flight is not None:
-                    _finish(*in_flight, writer, progress, schedule, throughput)
+                    _finish(*in_flight, writer, progress, schedule, throughput, mixture)
                 in_flight = (step, metrics, tokens, step % t.log_every == 0 or step == last_step)
                 if step % t.checkpoint_every == 0 or step == last_step:
                     # Checked before saving, so a non-finite loss never reaches a checkpoint.
-                    _finish(*in_flight, writer, progress, schedule, throughput)
+                    _finish(*in_flight, writer, progress, schedule, throughput, mixture)
                     in_flight = None
                     checkpointer.save(step, model, optimizer, data_iterator)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
@@ -122,8 +124,26 @@ class _Throughput:
         return rate
 
 
+class _RealizedMixture:
+    """Each task's share of the examples that started in this process's rows since the
+    last report: the mixture as trained, to set beside the configured rates."""
+
+    def __init__(self, tasks: list[str]):
+        self.tasks, self.counts = tasks, np.zeros(len(tasks) + 1, np.int64)
+
+    def add(self, task_ids, positions, segment_ids) -> None:
+        starts = (positions == 0) & (segment_ids > 0)
+        self.counts += np.bincount(task_ids[starts], minlength=len(self.counts))
+
+    def take(self) -> dict[str, float]:
+        total = max(int(self.counts.sum()), 1)
+        shares = {f"mixture/{t}": self.counts[i + 1] / total for i, t in enumerate(self.tasks)}
+        self.counts[:] = 0
+        return shares
+
+
 def _finish(step: int, metrics, tokens: int, log: bool, writer: MetricsWriter, progress: tqdm, schedule,
-            throughput: _Throughput) -> None:
+            throughput: _Throughput, mixture: _RealizedMixture) -> None:
     """Wait for a dispatched step; check and log its metrics on logging steps."""
     loss = float(metrics["loss"])  # blocks until the step is done
     throughput.add(tokens)
@@ -134,7 +154,7 @@ def _finish(step: int, metrics, tokens: int, log: bool, writer: MetricsWriter, p
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if SKIPPED.count:
             values["skipped_records"] = SKIPPED.count
-        values.update(lr=float(schedule(step - 1)), tokens_per_sec=throughput.take())
+        values.update(lr=float(schedule(step - 1)), tokens_per_sec=throughput.take(), **mixture.take())
         writer.write(step, values)
         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_sec']:,.0f}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from jit_tune.config import default_config
+from jit_tune.config import default_config, smoke
 
 T0_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "t0_train"
 CLUSTERS = {
@@ -55,16 +55,7 @@ def get_config(variant: str | None = None):
         d.seq_len = 256
         d.batch_size = 8
         config.model.vocab_size = 1024
-        config.model.d_model = 64
-        config.model.n_layers = 2
-        config.model.n_heads = 4
-        config.model.n_kv_heads = 2
-        config.model.head_dim = 16
-        config.model.mlp_dim = 128
-        config.train.steps = 4
-        config.train.log_every = 2
-        config.train.checkpoint_every = 2
-        config.optimizer.warmup_steps = 1
+        smoke(config, steps=4)
         config.eval.examples_per_task = 2
         config.eval.max_new_tokens = 4
     elif variant is not None:

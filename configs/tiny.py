@@ -5,7 +5,7 @@ task suite, sized to finish on a 2-core CPU in under ten minutes.
     jit-tune train --config configs/tiny.py:smoke --workdir /tmp/smoke   # a few steps
 """
 
-from jit_tune.config import default_config
+from jit_tune.config import default_config, smoke
 
 
 def get_config(variant: str | None = None):
@@ -18,17 +18,8 @@ def get_config(variant: str | None = None):
         "first": 0.5, "last": 0.5, "count": 0.5,
     })
     if variant == "smoke":  # a few steps on a tiny model: checks the whole path quickly
-        config.model.d_model = 64
-        config.model.n_layers = 2
-        config.model.n_heads = 4
-        config.model.n_kv_heads = 2
-        config.model.head_dim = 16
-        config.model.mlp_dim = 128
+        smoke(config, steps=6)
         config.data.batch_size = 8
-        config.train.steps = 6
-        config.train.log_every = 2
-        config.train.checkpoint_every = 3
-        config.optimizer.warmup_steps = 2
         config.eval.examples_per_task = 4
         config.eval.max_new_tokens = 8
     elif variant is not None:

@@ -135,6 +135,18 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def smoke(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+    """The few-step CPU variant every config file offers (`path.py:smoke`): a 2-layer,
+    d=64 model, so a test runs the config's whole path in seconds."""
+    m = config.model
+    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim = 64, 2, 4, 2, 16, 128
+    config.train.steps = steps
+    config.train.log_every = 2
+    config.train.checkpoint_every = steps // 2
+    config.optimizer.warmup_steps = steps // 3
+    return config
+
+
 # ---------------------------------------------------------------------------- loading
 
 

@@ -6,6 +6,15 @@ from jit_tune.data.pipeline import ROW_FEATURES, train_dataset
 from jit_tune.data.render import RenderError, tokenize_conversation
 
 
+MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Reverse: owl cake"},
+    {"role": "assistant", "content": "cake owl"},
+    {"role": "user", "content": "Count: owl cake"},
+    {"role": "assistant", "content": "2"},
+]
+
+
 def _trained_text(tokenizer, ids, mask):
     return tokenizer.decode(ids[mask.astype(bool)])
 
@@ -24,13 +33,7 @@ def test_loss_mask_covers_exactly_the_response_and_its_eos(tokenizer):
 
 
 def test_every_assistant_turn_is_trained_in_multi_turn(tokenizer):
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Reverse: owl cake"},
-        {"role": "assistant", "content": "cake owl"},
-        {"role": "user", "content": "Count: owl cake"},
-        {"role": "assistant", "content": "2"},
-    ]
+    messages = MULTI_TURN
     ids, mask = tokenize_conversation(tokenizer, messages)
     assert _trained_text(tokenizer, ids, mask) == "cake owl<|eos|>2<|eos|>"
     ids, mask = tokenize_conversation(tokenizer, messages, train_on="last_assistant")
@@ -74,13 +77,7 @@ def test_named_chat_templates_train_exactly_each_reply_and_its_end_token(name):
     from jit_tune.data.tokenizer import train_builtin_tokenizer
 
     tokenizer = apply_chat_template(train_builtin_tokenizer(400, seed=0), name)
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Reverse: owl cake"},
-        {"role": "assistant", "content": "cake owl"},
-        {"role": "user", "content": "Count: owl cake"},
-        {"role": "assistant", "content": "2"},
-    ]
+    messages = MULTI_TURN
     ids, mask = tokenize_conversation(tokenizer, messages)
     eos = tokenizer.eos_token
     assert tokenizer.decode(ids[mask.astype(bool)]) == f"cake owl{eos}2{eos}"

@@ -14,12 +14,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jit_tune.mesh import AXES  # noqa: E402
+from jit_tune.config import default_config  # noqa: E402
+from jit_tune.mesh import AXES, logical_rules  # noqa: E402
 from jit_tune.models import hf  # noqa: E402
 from jit_tune.models.loading import export_hf_decoder, load_hf_decoder  # noqa: E402
 
-RULES = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
-         ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None), ("norm", None))
+RULES = logical_rules(default_config())
 COMMON = dict(vocab_size=320, num_hidden_layers=2, intermediate_size=192, max_position_embeddings=4096)
 FAMILIES = {
     # Llama 2 7B: MHA, head_dim 128, theta 1e4, eps 1e-5, untied.

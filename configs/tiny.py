@@ -1,4 +1,4 @@
-"""The default job: a 2M-parameter Llama-style decoder instruction-tuned on the built-in
+"""The default job: a 1.8M-parameter Llama-style decoder instruction-tuned on the built-in
 task suite, sized to finish on a 2-core CPU in under ten minutes.
 
     jit-tune train --config configs/tiny.py --workdir runs/tiny

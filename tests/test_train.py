@@ -114,3 +114,16 @@ def test_resume_with_an_incompatible_config_is_a_clear_error(tmp_path, capsys):
     assert main(args + ["--config.optimizer.grad_clip=0.0"]) == 2
     err = capsys.readouterr().err
     assert "do not fit this config" in err and "Traceback" not in err
+
+
+def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path):
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    args = ["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir)]
+    assert main(args + ["--config.train.steps=3", "--config.train.log_every=1"]) == 0
+    assert main(args + ["--config.data.mixture.reverse=50.0", "--config.train.log_every=1"]) == 0
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    reverse = {m["step"]: m["mixture/reverse"] for m in logged if "mixture/reverse" in m}
+    assert max(reverse[s] for s in (1, 2, 3)) < 0.3  # 1 of 12 equal-ish rates before
+    assert min(reverse[s] for s in (4, 5, 6)) > 0.5  # 50 / (50 + 15) after

@@ -80,13 +80,14 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
         with jax.set_mesh(mesh):
             while step < last_step:
                 local = next(data_iterator)
-                mixture.add(local.pop("task_ids"), local["positions"], local["segment_ids"])
+                # Counted now, added to the logged windows when the step finishes.
+                examples = mixture.count(local.pop("task_ids"), local["positions"], local["segment_ids"])
                 tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
                 metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh))
                 step += 1
                 if in_flight is not None:
                     _finish(*in_flight, writer, progress, schedule, throughput, mixture)
-                in_flight = (step, metrics, tokens, step % t.log_every == 0 or step == last_step)
+                in_flight = (step, metrics, tokens, examples, step % t.log_every == 0 or step == last_step)
                 if step % t.checkpoint_every == 0 or step == last_step:
                     # Checked before saving, so a non-finite loss never reaches a checkpoint.
                     _finish(*in_flight, writer, progress, schedule, throughput, mixture)
@@ -131,9 +132,13 @@ class _RealizedMixture:
     def __init__(self, tasks: list[str]):
         self.tasks, self.counts = tasks, np.zeros(len(tasks) + 1, np.int64)
 
-    def add(self, task_ids, positions, segment_ids) -> None:
+    def count(self, task_ids, positions, segment_ids) -> np.ndarray:
+        """Examples per task (index 0: none) that start in these rows."""
         starts = (positions == 0) & (segment_ids > 0)
-        self.counts += np.bincount(task_ids[starts], minlength=len(self.counts))
+        return np.bincount(task_ids[starts], minlength=len(self.counts))
+
+    def add(self, counts: np.ndarray) -> None:
+        self.counts += counts
 
     def take(self) -> dict[str, float]:
         total = max(int(self.counts.sum()), 1)
@@ -142,11 +147,12 @@ class _RealizedMixture:
         return shares
 
 
-def _finish(step: int, metrics, tokens: int, log: bool, writer: MetricsWriter, progress: tqdm, schedule,
-            throughput: _Throughput, mixture: _RealizedMixture) -> None:
+def _finish(step: int, metrics, tokens: int, examples: np.ndarray, log: bool, writer: MetricsWriter,
+            progress: tqdm, schedule, throughput: _Throughput, mixture: _RealizedMixture) -> None:
     """Wait for a dispatched step; check and log its metrics on logging steps."""
     loss = float(metrics["loss"])  # blocks until the step is done
     throughput.add(tokens)
+    mixture.add(examples)
     progress.update(1)
     if not np.isfinite(loss):
         raise FloatingPointError(f"step {step}: loss is {loss}; stopping (the last good checkpoint is kept)")

@@ -21,8 +21,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, apply_override, config_from_dict, default_config, load_config, validate
 from jit_tune.data.render import prompt_ids
-from jit_tune.data.pipeline import tokenizer_corpus
-from jit_tune.data.tokenizer import get_tokenizer
+from jit_tune.data.pipeline import run_tokenizer
 from jit_tune.eval import evaluator
 from jit_tune.eval.decode import generate
 from jit_tune.models.decoder import Decoder
@@ -64,9 +63,7 @@ def load_workdir(workdir: str | Path, overrides: Sequence[str] = ()):
     step = checkpointer.latest_step()
     if step is None:
         raise ConfigError(f"{workdir}/checkpoints: no checkpoint to load")
-    d = config.data
-    tokenizer = get_tokenizer(d.tokenizer, workdir, d.tokenizer_vocab_size, d.builtin_seed,
-                              corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
+    tokenizer = run_tokenizer(config, workdir)
     mesh = mesh_lib.make_mesh(config)
     model, optimizer = create_model_and_optimizer(config, mesh, abstract=True)
     checkpointer.restore(step, model, optimizer)

@@ -78,14 +78,11 @@ def main(argv: list[str] | None = None) -> int:
 
             from jit_tune.config import load_config
             from jit_tune.data.inspect import inspect_data
-            from jit_tune.data.pipeline import tokenizer_corpus
-            from jit_tune.data.tokenizer import get_tokenizer
+            from jit_tune.data.pipeline import run_tokenizer
 
             config = load_config(args.config, overrides)
-            d = config.data
             with tempfile.TemporaryDirectory() as scratch:  # tokenizers are built as training would
-                tokenizer = get_tokenizer(d.tokenizer, scratch, d.tokenizer_vocab_size, d.builtin_seed,
-                                          corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
+                tokenizer = run_tokenizer(config, scratch)
             inspect_data(config, tokenizer, args.examples, args.sample)
         elif args.verb == "export":
             from jit_tune.api import export_workdir

@@ -17,8 +17,7 @@ import grain
 from absl import flags
 
 from jit_tune.config import load_config
-from jit_tune.data.pipeline import tokenizer_corpus, train_dataset
-from jit_tune.data.tokenizer import get_tokenizer
+from jit_tune.data.pipeline import run_tokenizer, train_dataset
 
 
 def main() -> None:
@@ -31,8 +30,7 @@ def main() -> None:
     d = config.data
     flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = get_tokenizer(d.tokenizer, scratch, d.tokenizer_vocab_size, d.builtin_seed,
-                                  corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
+        tokenizer = run_tokenizer(config, scratch)
     print(f"config {args.config}: batches of {d.batch_size} x {d.seq_len}")
     for workers in args.workers:
         dataset = train_dataset(config, tokenizer)

@@ -26,6 +26,7 @@ from jit_tune.data import builtin_tasks
 from jit_tune.data import tasks as tasks_lib
 from jit_tune.data.mixture import task_rates
 from jit_tune.data.render import tokenize_conversation
+from jit_tune.data.tokenizer import get_tokenizer
 
 FEATURES = ("inputs", "targets", "loss_mask")
 # task_ids: 1 + the task's index in the mixture, per token (0 for padding); host-side
@@ -129,6 +130,13 @@ def tokenizer_corpus(config: ConfigDict):
         for i in range(config.data.tokenizer_corpus_examples):
             for message in examples[i]["messages"]:
                 yield message["content"]
+
+
+def run_tokenizer(config: ConfigDict, workdir) -> PreTrainedTokenizerBase:
+    """The tokenizer a run with `config` uses, kept in (or read back from) `workdir`."""
+    d = config.data
+    return get_tokenizer(d.tokenizer, workdir, d.tokenizer_vocab_size, d.builtin_seed,
+                         corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
 
 
 def validation_examples(config: ConfigDict, task, held_out: bool) -> list[dict]:

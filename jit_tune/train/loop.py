@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, save_config
-from jit_tune.data.pipeline import mixture_rates, tokenizer_corpus, train_dataset
+from jit_tune.data.pipeline import mixture_rates, run_tokenizer, train_dataset
 from jit_tune.data.tasks import SKIPPED
-from jit_tune.data.tokenizer import get_tokenizer
 from jit_tune.eval import evaluator
 from jit_tune.train.checkpoint import Checkpointer
 from jit_tune.train.metrics import MetricsWriter
@@ -35,8 +34,7 @@ def setup(config: ConfigDict, workdir: Path):
     if jax.process_index() == 0:
         save_config(config, workdir / "config.json")
     d = config.data
-    tokenizer = get_tokenizer(d.tokenizer, workdir, d.tokenizer_vocab_size, d.builtin_seed,
-                              corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
+    tokenizer = run_tokenizer(config, workdir)
     if len(tokenizer) > config.model.vocab_size:
         raise ConfigError(
             f"config.model.vocab_size = {config.model.vocab_size}: expected at least the tokenizer's "

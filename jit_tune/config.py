@@ -77,7 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.tokenizer_corpus_examples = 2000  # per task, for tokenizer = "bpe"
     c.data.builtin_seed = 0  # the built-in suite's examples are a function of this seed
     # Tasks read from files (besides the built-in suite), by name:
-    #   tasks.<name> = {path, kind (auto|jsonl|parquet|hf_disk|hf), format, fields, split, data_files}
+    #   tasks.<name> = {path, kind (auto|jsonl|parquet|hf_disk|hf), format, fields, split, data_files,
+    #                   templates (for format "templated": FLAN-style templates, see data/templates.py)}
     #   task_dirs.<prefix> = {path, format}: every <path>/<task>/ is a task "<prefix>/<task>", each file a template
     c.data.tasks = ml_collections.ConfigDict()
     c.data.task_dirs = ml_collections.ConfigDict()
@@ -132,6 +133,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 24
 
     c.lock()
+    # Named collections a config file adds entries to (`c.data.tasks.reviews = dict(...)`).
+    for collection in (c.data.tasks, c.data.task_dirs, c.data.groups):
+        collection.unlock()
     return c
 
 
@@ -303,6 +307,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
               isinstance(spec, ml_collections.ConfigDict) and "path" in spec and Path(spec.path).exists(),
               "a ConfigDict with a 'path' that exists")
     problems.extend(_mixture_problems(config, path))
+    problems.extend(_template_problems(config, path))
     check("data.train_on", d.train_on in ("all_assistant", "last_assistant", "all"),
           "'all_assistant', 'last_assistant' or 'all'")
     check("data.seq_len", d.seq_len >= 8, "an integer >= 8")
@@ -358,6 +363,24 @@ def _mixture_problems(config: ml_collections.ConfigDict, path: str) -> list[str]
     return []
 
 
+def _template_problems(config: ml_collections.ConfigDict, path: str) -> list[str]:
+    """Templated tasks' templates compile and their knobs are in range, checked before
+    any file is opened."""
+    from jit_tune.data.sources import SourceError
+    from jit_tune.data.templates import TemplateSet
+
+    problems = []
+    for name, spec in config.data.tasks.items():
+        if isinstance(spec, ml_collections.ConfigDict) and spec.get("templates") is not None:
+            templates = spec.templates
+            try:
+                TemplateSet(templates.to_dict() if isinstance(templates, ml_collections.ConfigDict) else templates,
+                            f"config.data.tasks.{name}.templates")
+            except SourceError as error:
+                problems.append(f"{path}{_line_setting(path, 'templates')}: {error}")
+    return problems
+
+
 def _line_setting(path: str, key: str) -> str:
     """':LINE' of the first line in the config file that assigns `key`'s last part."""
     try:
@@ -365,7 +388,7 @@ def _line_setting(path: str, key: str) -> str:
     except OSError:
         return ""
     leaf = re.escape(key.split(".")[-1])
-    pattern = re.compile(rf"(\.{leaf}\s*=[^=]|['\"]{leaf}['\"]\s*[:\]])")
+    pattern = re.compile(rf"(\b{leaf}\s*=[^=]|['\"]{leaf}['\"]\s*[:\]])")
     for number, line in enumerate(lines, 1):
         if pattern.search(line):
             return f":{number}"

@@ -86,3 +86,20 @@ def test_resolved_config_is_saved_and_reloads(tmp_path, smoke_config):
     save_config(smoke_config, tmp_path / "config.json")
     reloaded = config_from_dict(json.loads((tmp_path / "config.json").read_text()), "config.json")
     assert reloaded.to_dict() == smoke_config.to_dict()
+
+
+def test_bad_template_in_config_file_names_its_line_and_key(tmp_path):
+    data = tmp_path / "raw.jsonl"
+    data.write_text('{"text": "x", "label": "y"}\n')
+    path = tmp_path / "bad.py"
+    path.write_text(
+        "from jit_tune.config import default_config\n\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        f"    c.data.tasks.raw = dict(path={str(data)!r}, format='templated',\n"
+        "                            templates=dict(templates=[('{{text', '{{label}}')]))\n"
+        "    return c\n"
+    )
+    with pytest.raises(ConfigError, match=rf"{path}:6: config.data.tasks.raw.templates.templates\[0\].prompt: "
+                                          "Jinja syntax error"):
+        load_config(str(path))

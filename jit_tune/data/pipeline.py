@@ -140,14 +140,16 @@ def run_tokenizer(config: ConfigDict, workdir) -> PreTrainedTokenizerBase:
 
 
 def validation_examples(config: ConfigDict, task, held_out: bool) -> list[dict]:
-    """The fixed validation set of one task: for built-in tasks on its held-in or
-    held-out templates; for file tasks the first records of its validation split."""
+    """The fixed validation set of one task on its held-in or held-out templates: for
+    built-in tasks generated, for file tasks the first records of its validation split
+    (held-out templates exist for templated tasks that declare some)."""
     if isinstance(task, builtin_tasks.Task):
         return [
             builtin_tasks.make_example(task, "validation", i, config.data.builtin_seed, held_out)
             for i in range(config.eval.examples_per_task)
         ]
-    if held_out:
+    if held_out and not task.has_held_out_templates:
         return []
-    examples = (task.example("validation", i) for i in range(min(task.size("validation"), config.eval.examples_per_task)))
+    count = min(task.size("validation"), config.eval.examples_per_task)
+    examples = (task.example("validation", i, held_out=held_out) for i in range(count))
     return [example for example in examples if example is not None]

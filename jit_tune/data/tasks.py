@@ -18,8 +18,12 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from jit_tune.data import builtin_tasks
-from jit_tune.data.formats import DEFAULT_FIELDS, to_conversation
+from jit_tune.data.formats import FORMATS, to_conversation
 from jit_tune.data.sources import SourceError, open_source, task_directory
+from jit_tune.data.templates import TemplateSet, example_key
+
+# "templated": raw-field records rendered by the task's FLAN-style templates (templates.py).
+TASK_FORMATS = FORMATS + ("templated",)
 
 _GENERATED = 2**40  # index space of a generated task
 
@@ -51,8 +55,21 @@ class FileTask:
     fields: dict
     validation_share: float
     skip_bad_records: bool = False
+    templates_spec: dict | None = None  # for format "templated"
+    seed: int = 0
 
     def __post_init__(self):
+        if self.format not in TASK_FORMATS:
+            raise SourceError(f"config.data task {self.name!r}: format {self.format!r}: expected one of "
+                              f"{', '.join(TASK_FORMATS)}")
+        self.template_set = None
+        if self.format == "templated":
+            if self.templates_spec is None:
+                raise SourceError(f"config.data.tasks.{self.name}: format 'templated' needs 'templates'")
+            self.template_set = TemplateSet(self.templates_spec, f"config.data.tasks.{self.name}.templates")
+        elif self.templates_spec is not None:
+            raise SourceError(f"config.data.tasks.{self.name}.templates: only format 'templated' uses templates "
+                              f"(format is {self.format!r})")
         self._starts = np.cumsum([0] + [len(source) for _, source in self.templates])
         n = int(self._starts[-1])
         in_validation = np.asarray([zlib.crc32(f"{self.name}:{i}".encode()) % 10_000 for i in range(n)]) < (
@@ -62,24 +79,45 @@ class FileTask:
     def size(self, split: str) -> int:
         return len(self.indices[split])
 
-    def example(self, split: str, position: int) -> dict | None:
-        """The conversation at `position` of `split`; None for a bad record when
-        skipping (Grain drops Nones), else the SourceError naming file, line and field."""
+    @property
+    def has_held_out_templates(self) -> bool:
+        return self.template_set is not None and bool(self.template_set.held_out)
+
+    def record(self, split: str, position: int) -> tuple[int, dict]:
+        """(file index, raw record) at `position` of `split`."""
         index = int(self.indices[split][position])
         part = int(np.searchsorted(self._starts, index, side="right") - 1)
-        template, source = self.templates[part]
+        return part, self.templates[part][1][index - self._starts[part]]
+
+    def example(self, split: str, position: int, epoch: int = 0, held_out: bool = False) -> dict | None:
+        """The conversation at `position` of `split` (templated tasks: rendered for
+        `epoch`, on a held-out template if asked); None for a bad record when skipping
+        (Grain drops Nones), else the SourceError naming file, line and field."""
         try:
-            example = to_conversation(source[index - self._starts[part]], self.format, self.fields)
+            part, record = self.record(split, position)
+            if self.template_set is None:
+                return {"task": self.name, "template_id": part, "template": self.templates[part][0],
+                        **to_conversation(record, self.format, self.fields)}
+            key = example_key(self.seed, self.name, int(self.indices[split][position]), epoch)
+            exclude = position if split == "train" else -1
+            template, shots = self.template_set.choose(key, held_out, self.size("train"), exclude)
+            exemplars = [self.record("train", p)[1] for p in shots]
+            return {"task": self.name, "template_id": self.template_set.names().index(template.name),
+                    "template": template.name, "_where": record.get("_where", "?"),
+                    "messages": self.template_set.render(template, record, exemplars)}
         except SourceError as e:
             if not self.skip_bad_records:
                 raise
             SKIPPED.add(str(e))
             return None
-        return {"task": self.name, "template_id": part, "template": template, **example}
+
+    def epoch_example(self, split: str, index: int, position: int) -> dict | None:
+        """For Grain's map_with_index over an endless, reshuffled stream of positions."""
+        return self.example(split, position, epoch=index // self.size(split))
 
 
 FILE_TASK_FIELDS = {"path": None, "kind": "auto", "format": "prompt_completion", "fields": {}, "split": "train",
-                    "data_files": None}
+                    "data_files": None, "templates": None}
 TASK_DIR_FIELDS = {"path": None, "format": "t0", "fields": {}}
 
 
@@ -102,7 +140,7 @@ def file_tasks(config: ConfigDict) -> dict[str, FileTask]:
         spec = _spec(raw, FILE_TASK_FIELDS, f"config.data.tasks.{name}")
         source = open_source(spec["path"], spec["kind"], spec["split"], spec["data_files"])
         tasks[name] = FileTask(name, [(name, source)], spec["format"], spec["fields"], d.validation_share,
-                               d.on_bad_record == "skip")
+                               d.on_bad_record == "skip", spec["templates"], config.seed)
     for prefix, raw in d.task_dirs.items():
         spec = _spec(raw, TASK_DIR_FIELDS, f"config.data.task_dirs.{prefix}")
         for task, templates in task_directory(spec["path"]).items():
@@ -110,10 +148,6 @@ def file_tasks(config: ConfigDict) -> dict[str, FileTask]:
             name = f"{prefix}/{task}"
             tasks[name] = FileTask(name, parts, spec["format"], spec["fields"], d.validation_share,
                                    d.on_bad_record == "skip")
-    for task in tasks.values():
-        if task.format not in DEFAULT_FIELDS:
-            raise SourceError(f"config.data task {task.name!r}: format {task.format!r}: expected one of "
-                              f"{', '.join(DEFAULT_FIELDS)}")
     return tasks
 
 
@@ -134,4 +168,4 @@ def train_examples(task, config: ConfigDict) -> grain.MapDataset:
     if task.size("train") == 0:
         raise SourceError(f"task {task.name!r}: no training records (validation_share took them all)")
     positions = grain.MapDataset.range(task.size("train")).shuffle(seed=config.seed)
-    return positions.repeat().map(functools.partial(task.example, "train"))
+    return positions.repeat().map_with_index(functools.partial(task.epoch_example, "train"))

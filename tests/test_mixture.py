@@ -1,5 +1,6 @@
 """Mixture rules, nested groups, file tasks in the pipeline, and the T0 config."""
 
+import collections
 import json
 from pathlib import Path
 
@@ -71,6 +72,23 @@ def test_truncation_cuts_the_prompt_from_the_left_or_drops():
     assert truncate(features, 6, "drop") is None
     assert truncate(features, 2, "left") is None  # the response alone does not fit
     assert truncate(features, 10, "drop") is features
+
+
+@pytest.mark.parametrize("policy", ["left", "drop"])
+def test_rows_flag_truncated_examples_and_drops_are_counted(tokenizer, smoke_config, policy):
+    smoke_config.data.seq_len = 16  # built-in examples are 11 to 25 tokens
+    smoke_config.data.truncation = policy
+    dropped = collections.Counter()
+    batch = next(iter(train_dataset(smoke_config, tokenizer, dropped=dropped)))
+    starts = (batch["positions"] == 0) & (batch["segment_ids"] > 0)
+    flagged = int(batch["truncated"][starts].sum())
+    if policy == "left":
+        assert flagged > 0
+        for row, column in zip(*np.nonzero(starts & (batch["truncated"] > 0))):
+            # a cut example starts mid-prompt, never with the chat template's first token
+            assert batch["inputs"][row, column] != tokenizer.convert_tokens_to_ids("<|user|>")
+    else:
+        assert flagged == 0 and dropped["too_long"] > 0
 
 
 def test_file_tasks_mix_with_built_in_tasks(tmp_path, tokenizer, smoke_config):

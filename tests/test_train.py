@@ -50,7 +50,7 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, smoke_config):
     assert sorted(_step_losses(resumed)) == [1, 2, 3]
 
     # The restored data iterator yields exactly the batch the uninterrupted run saw next.
-    tokenizer, *_, data_iterator, checkpointer, step = setup(smoke_config, resumed)
+    tokenizer, *_, data_iterator, _, checkpointer, step = setup(smoke_config, resumed)
     checkpointer.close()
     assert step == 3
     fresh = iter(train_dataset(smoke_config, tokenizer))
@@ -80,6 +80,8 @@ def test_cli_train_twice_resumes_and_writes_the_workdir(tmp_path, capsys):
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     shares = {k: v for k, v in logged[0].items() if k.startswith("mixture/")}
     assert len(shares) == 12 and sum(shares.values()) == pytest.approx(1.0)  # the realized mixture
+    assert 0.9 < logged[0]["data/packing_efficiency"] <= 1 and logged[0]["data/examples_per_row"] > 3
+    assert logged[0]["data/truncated"] == 0 == logged[0]["data/dropped_too_long"]
 
     assert main(args) == 0  # the same command again: resumes at the end, evaluates again
     assert "Resumed from" in capsys.readouterr().out

@@ -10,10 +10,15 @@ Rows leave the pipeline as int32 arrays [rows, seq_len]:
   segment_ids        which packed example a token belongs to, 0 for padding
   positions          position within its example, restarting at 0
   task_ids           which task of the mixture a token came from (host-side, for logs)
+  truncated          1 on the tokens of an example cut to fit the row (host-side, for logs)
+
+Examples dropped before packing (too long, or with no trained token) are counted in the
+`dropped` Counter a caller passes to train_dataset, in the process that renders them.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import grain
@@ -31,7 +36,8 @@ from jit_tune.data.tokenizer import get_tokenizer
 FEATURES = ("inputs", "targets", "loss_mask")
 # task_ids: 1 + the task's index in the mixture, per token (0 for padding); host-side
 # only, for logging the realized mixture.
-ROW_FEATURES = FEATURES + ("segment_ids", "positions", "task_ids")
+HOST_FEATURES = ("task_ids", "truncated")
+ROW_FEATURES = FEATURES + ("segment_ids", "positions") + HOST_FEATURES
 
 
 def encode(example: dict, tokenizer: PreTrainedTokenizerBase, train_on: str) -> dict[str, np.ndarray]:
@@ -55,10 +61,17 @@ def truncate(features: dict[str, np.ndarray], seq_len: int, policy: str) -> dict
     return {k: v[start:] for k, v in features.items()}
 
 
-def _fit(features: dict[str, np.ndarray], seq_len: int, policy: str) -> dict[str, np.ndarray] | None:
+def _fit(features: dict[str, np.ndarray], seq_len: int, policy: str,
+         dropped: collections.Counter) -> dict[str, np.ndarray] | None:
     if not features["loss_mask"].any():
-        return None  # nothing to learn from: dropped
-    return truncate(features, seq_len, policy)
+        dropped["no_trained_token"] += 1  # nothing to learn from
+        return None
+    fitted = truncate(features, seq_len, policy)
+    if fitted is None:
+        dropped["too_long"] += 1
+        return None
+    fitted["truncated"] = np.full(len(fitted["inputs"]), fitted is not features, np.int32)
+    return fitted
 
 
 def _tagged(example: dict, task_index: dict[str, int], tokenizer, train_on: str) -> dict[str, np.ndarray]:
@@ -68,28 +81,31 @@ def _tagged(example: dict, task_index: dict[str, int], tokenizer, train_on: str)
 
 
 def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    row = {k: packed[k].astype(np.int32) for k in FEATURES + ("task_ids",)}
+    row = {k: packed[k].astype(np.int32) for k in FEATURES + HOST_FEATURES}
     row["segment_ids"] = packed["inputs_segment_ids"].astype(np.int32)
     row["positions"] = packed["inputs_positions"].astype(np.int32)
     return row
 
 
 def train_dataset(
-    config: ConfigDict, tokenizer: PreTrainedTokenizerBase, process_index: int = 0, process_count: int = 1
+    config: ConfigDict, tokenizer: PreTrainedTokenizerBase, process_index: int = 0, process_count: int = 1,
+    dropped: collections.Counter | None = None,
 ) -> grain.IterDataset:
-    """Batches of packed rows for this process, endless and deterministic in config.seed."""
+    """Batches of packed rows for this process, endless and deterministic in config.seed;
+    `dropped` counts the examples left out ("too_long", "no_trained_token")."""
     d = config.data
     if d.batch_size % process_count:
         raise ValueError(f"config.data.batch_size = {d.batch_size}: expected a multiple of the {process_count} processes")
     local = mixed_examples(config)[process_index::process_count]
     task_index = {name: i for i, name in enumerate(mixture_rates(config))}
     encoded = local.map(functools.partial(_tagged, task_index=task_index, tokenizer=tokenizer, train_on=d.train_on))
-    encoded = encoded.map(functools.partial(_fit, seq_len=d.seq_len, policy=d.truncation))
+    encoded = encoded.map(functools.partial(_fit, seq_len=d.seq_len, policy=d.truncation,
+                                            dropped=collections.Counter() if dropped is None else dropped))
     # Rendering runs inline: Grain's thread prefetch polls its futures under the GIL and
     # cut throughput by 2.3x here (tools/bench_pipeline.py); parallel reading is for
     # worker processes (mp_prefetch).
     inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    packed = pack(encoded.to_iter_dataset(inline), config, FEATURES + ("task_ids",))
+    packed = pack(encoded.to_iter_dataset(inline), config, FEATURES + HOST_FEATURES)
     return packed.map(_to_row).batch(d.batch_size // process_count, drop_remainder=True)
 
 

@@ -7,6 +7,7 @@ complete checkpoint. Running the same command again therefore continues exactly.
 
 from __future__ import annotations
 
+import collections
 import time
 from pathlib import Path
 
@@ -42,13 +43,14 @@ def setup(config: ConfigDict, workdir: Path):
         )
     mesh = mesh_lib.make_mesh(config)
     mesh_lib.check_batch_divides(d.batch_size, mesh)
-    data_iterator = iter(train_dataset(config, tokenizer, jax.process_index(), jax.process_count()))
+    dropped = collections.Counter()
+    data_iterator = iter(train_dataset(config, tokenizer, jax.process_index(), jax.process_count(), dropped))
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0
     model, optimizer = create_model_and_optimizer(config, mesh, abstract=start_step > 0)
     if start_step:
         checkpointer.restore(start_step, model, optimizer, data_iterator)
-    return tokenizer, mesh, model, optimizer, data_iterator, checkpointer, start_step
+    return tokenizer, mesh, model, optimizer, data_iterator, dropped, checkpointer, start_step
 
 
 def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = None) -> dict | None:
@@ -59,7 +61,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     without changing the schedule; it returns None.
     """
     workdir = Path(workdir)
-    tokenizer, mesh, model, optimizer, data_iterator, checkpointer, step = setup(config, workdir)
+    tokenizer, mesh, model, optimizer, data_iterator, dropped, checkpointer, step = setup(config, workdir)
     t = config.train
     writer = MetricsWriter(workdir)
     schedule = learning_rate_schedule(config)
@@ -72,23 +74,23 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     # counts finished steps rather than queued ones.
     in_flight = None
     throughput = _Throughput()
-    mixture = _RealizedMixture(list(mixture_rates(config)))
+    data_stats = _DataStats(list(mixture_rates(config)), dropped)
     last_step = min(t.steps, stop_at_step or t.steps)
     try:
         with jax.set_mesh(mesh):
             while step < last_step:
                 local = next(data_iterator)
                 # Counted now, added to the logged windows when the step finishes.
-                examples = mixture.count(local.pop("task_ids"), local["positions"], local["segment_ids"])
+                counts = data_stats.count(local)
                 tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
                 metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh))
                 step += 1
                 if in_flight is not None:
-                    _finish(*in_flight, writer, progress, schedule, throughput, mixture)
-                in_flight = (step, metrics, tokens, examples, step % t.log_every == 0 or step == last_step)
+                    _finish(*in_flight, writer, progress, schedule, throughput, data_stats)
+                in_flight = (step, metrics, tokens, counts, step % t.log_every == 0 or step == last_step)
                 if step % t.checkpoint_every == 0 or step == last_step:
                     # Checked before saving, so a non-finite loss never reaches a checkpoint.
-                    _finish(*in_flight, writer, progress, schedule, throughput, mixture)
+                    _finish(*in_flight, writer, progress, schedule, throughput, data_stats)
                     in_flight = None
                     checkpointer.save(step, model, optimizer, data_iterator)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
@@ -123,34 +125,45 @@ class _Throughput:
         return rate
 
 
-class _RealizedMixture:
-    """Each task's share of the examples that started in this process's rows since the
-    last report: the mixture as trained, to set beside the configured rates."""
+class _DataStats:
+    """What this process's rows held since the last report: each task's share of the
+    examples that start in them (the mixture as trained, beside the configured rates),
+    the share of real tokens, examples per row, and truncated and dropped examples."""
 
-    def __init__(self, tasks: list[str]):
-        self.tasks, self.counts = tasks, np.zeros(len(tasks) + 1, np.int64)
+    def __init__(self, tasks: list[str], dropped: collections.Counter):
+        self.tasks, self.dropped = tasks, dropped  # the pipeline's running count
+        # [examples of task 0..n-1, real tokens, token slots, rows, truncated examples]
+        self.counts = np.zeros(len(tasks) + 4, np.int64)
 
-    def count(self, task_ids, positions, segment_ids) -> np.ndarray:
-        """Examples per task (index 0: none) that start in these rows."""
-        starts = (positions == 0) & (segment_ids > 0)
-        return np.bincount(task_ids[starts], minlength=len(self.counts))
+    def count(self, local: dict[str, np.ndarray]) -> np.ndarray:
+        """This batch's counts; pops the host-side features."""
+        task_ids, truncated = local.pop("task_ids"), local.pop("truncated")
+        starts = (local["positions"] == 0) & (local["segment_ids"] > 0)
+        per_task = np.bincount(task_ids[starts], minlength=len(self.tasks) + 1)[1:]
+        real = int((local["segment_ids"] > 0).sum())
+        return np.concatenate([per_task, [real, task_ids.size, len(task_ids), int(truncated[starts].sum())]])
 
     def add(self, counts: np.ndarray) -> None:
         self.counts += counts
 
     def take(self) -> dict[str, float]:
-        total = max(int(self.counts.sum()), 1)
-        shares = {f"mixture/{t}": self.counts[i + 1] / total for i, t in enumerate(self.tasks)}
+        n = len(self.tasks)
+        examples = int(self.counts[:n].sum())
+        real, slots, rows, truncated = (int(c) for c in self.counts[n:])
+        stats = {f"mixture/{t}": self.counts[i] / max(examples, 1) for i, t in enumerate(self.tasks)}
+        stats.update({"data/packing_efficiency": real / max(slots, 1), "data/examples_per_row": examples / max(rows, 1),
+                      "data/truncated": truncated, "data/dropped_too_long": self.dropped["too_long"],
+                      "data/dropped_no_trained_token": self.dropped["no_trained_token"]})
         self.counts[:] = 0
-        return shares
+        return stats
 
 
-def _finish(step: int, metrics, tokens: int, examples: np.ndarray, log: bool, writer: MetricsWriter,
-            progress: tqdm, schedule, throughput: _Throughput, mixture: _RealizedMixture) -> None:
+def _finish(step: int, metrics, tokens: int, counts: np.ndarray, log: bool, writer: MetricsWriter,
+            progress: tqdm, schedule, throughput: _Throughput, data_stats: _DataStats) -> None:
     """Wait for a dispatched step; check and log its metrics on logging steps."""
     loss = float(metrics["loss"])  # blocks until the step is done
     throughput.add(tokens)
-    mixture.add(examples)
+    data_stats.add(counts)
     progress.update(1)
     if not np.isfinite(loss):
         raise FloatingPointError(f"step {step}: loss is {loss}; stopping (the last good checkpoint is kept)")
@@ -158,7 +171,7 @@ def _finish(step: int, metrics, tokens: int, examples: np.ndarray, log: bool, wr
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if SKIPPED.count:
             values["skipped_records"] = SKIPPED.count
-        values.update(lr=float(schedule(step - 1)), tokens_per_sec=throughput.take(), **mixture.take())
+        values.update(lr=float(schedule(step - 1)), tokens_per_sec=throughput.take(), **data_stats.take())
         writer.write(step, values)
         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_sec']:,.0f}")
 

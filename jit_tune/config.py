@@ -89,6 +89,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.groups = ml_collections.ConfigDict()
     # Mixture rates by task or group name: a share of training examples is rate / sum.
     c.data.mixture = ml_collections.ConfigDict({task.name: 1.0 for task in builtin_tasks.TASKS})
+    # Mixed examples are shuffled within windows of this many, to vary the task order in
+    # rows. A task at rate r gets about r * window consecutive draws of its own (epoch-wise
+    # shuffled) stream per window, so keep that well below its size: windows that span
+    # epochs repeat records early.
+    c.data.shuffle_window = 1024
     c.data.train_on = "all_assistant"  # all_assistant, last_assistant or all
     c.data.seq_len = 128  # packed row length
     c.data.truncation = "left"  # longer examples: "left" cuts the prompt's start, "drop" skips them
@@ -315,6 +320,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("data.chat_template", d.chat_template in ("", "plain", "alpaca", "chatml", "llama3"),
           "'' (the tokenizer's own), 'plain', 'alpaca', 'chatml' or 'llama3'")
     check("data.batch_size", d.batch_size > 0, "a positive integer")
+    check("data.shuffle_window", isinstance(d.shuffle_window, int) and d.shuffle_window > 0, "a positive integer")
     check("data.packing_bins", d.packing_bins > 0, "a positive integer")
     check("data.packing", d.packing in ("best_fit", "first_fit"), "'best_fit' or 'first_fit'")
     check("optimizer.lr", o.lr > 0, "a positive learning rate")

@@ -1,6 +1,6 @@
 """One process of the memory-bounded loading test (run by test_memory_bounded_load.py).
 
-Usage: python tests/load_worker.py PROCESS_ID NUM_PROCESSES PORT HF_DIR
+Usage (through tests/multihost.py): python tests/load_worker.py PROCESS_ID NUM_PROCESSES PORT HF_DIR
 Loads the checkpoint onto a mesh spanning every process's devices (fsdp, 2 per process),
 and prints JSON with the bytes this process holds and how far its resident memory rose
 above where it stood before loading (sampled every millisecond while loading).
@@ -12,11 +12,8 @@ import sys
 import threading
 import time
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 
 def rss_bytes() -> int:

@@ -7,16 +7,13 @@ whole tensors, or memory-mapping the file, breaks it.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
-REPO = Path(__file__).resolve().parents[1]
+from multihost import spawn
+
 CAP_SHARE = 0.5
 PROCESSES = 4
 
@@ -49,29 +46,9 @@ def _write_checkpoint(directory: Path) -> int:
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_each_process_reads_only_its_shards(tmp_path):
     model_bytes = _write_checkpoint(tmp_path)
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("XLA_FLAGS", None)
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "tests/load_worker.py"), str(i), str(PROCESSES), str(port), str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        for i in range(PROCESSES)
-    ]
-    reports = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err[-3000:]
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+    reports = spawn("load_worker.py", PROCESSES, str(tmp_path))
     for report in reports:
         assert abs(report["local_bytes"] - model_bytes / PROCESSES) < 0.01 * model_bytes
         growth = report["growth"]

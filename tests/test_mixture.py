@@ -161,3 +161,18 @@ def test_bad_records_stop_the_run_with_their_location_or_are_skipped_and_counted
     assert SKIPPED.count >= 2  # both bad records, once per epoch read
     reasons = " | ".join(SKIPPED.reasons)
     assert "qa.jsonl:8: missing field 'completion'" in reasons and "qa.jsonl:13: malformed JSON" in reasons
+
+
+def test_hosts_never_duplicate_examples(tmp_path):
+    """Two real JAX processes each read their own slice of the mixture: within an epoch
+    no record appears on both hosts, nor twice on one."""
+    from multihost import spawn
+
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Echo record {i}.", "completion": f"record {i}"}) + "\n"
+                            for i in range(4000)))
+    first, second = (set(report["ids"]) for report in spawn("data_worker.py", 2, str(path), "6"))
+    reports = spawn("data_worker.py", 2, str(path), "6")
+    assert [set(r["ids"]) for r in reports] == [first, second]  # deterministic
+    assert all(len(r["ids"]) == len(set(r["ids"])) for r in reports)
+    assert len(first) > 100 and len(second) > 100 and not first & second

@@ -23,7 +23,7 @@ import functools
 
 import grain
 import numpy as np
-from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset
+from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset, WindowShuffleMapDataset
 from ml_collections import ConfigDict
 from transformers import PreTrainedTokenizerBase
 
@@ -119,14 +119,16 @@ def pack(examples: grain.IterDataset, config: ConfigDict, features: tuple[str, .
 
 
 def mixed_examples(config: ConfigDict) -> grain.MapDataset:
-    """Conversation examples drawn from every task at its mixture rate, in a shuffled
-    (lazy, index-only) order that varies the task order within rows."""
+    """Conversation examples drawn from every task at its mixture rate. The order is
+    shuffled within windows of data.shuffle_window (lazy, index-only) to vary the task
+    order within rows; a global shuffle of the endless mixture would sample each task's
+    records with replacement instead of one epoch after another."""
     registry = tasks_lib.all_tasks(config)
     rates = mixture_rates(config, registry)
     mixture = grain.MapDataset.mix(
         [tasks_lib.train_examples(registry[name], config) for name in rates], weights=list(rates.values())
     )
-    return mixture.shuffle(seed=config.seed)
+    return WindowShuffleMapDataset(mixture, window_size=config.data.shuffle_window, seed=config.seed)
 
 
 def mixture_rates(config: ConfigDict, registry: dict | None = None) -> dict[str, float]:

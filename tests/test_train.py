@@ -40,7 +40,9 @@ def _step_losses(workdir):
     return {m["step"]: m["loss"] for m in lines if "loss" in m}
 
 
-def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, smoke_config):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, smoke_config, workers):
+    smoke_config.data.workers = workers  # 1: rows come from a Grain worker process
     smoke_config.train.log_every = 1
     smoke_config.train.checkpoint_every = 100
     smoke_config.eval.examples_per_task = 1

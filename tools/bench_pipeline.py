@@ -4,7 +4,7 @@ train step consumes, and its scaling with Grain worker processes.
     .venv/bin/python tools/bench_pipeline.py --config configs/tiny.py [--batches 40] [--workers 0 1 2]
 
 Tokens are real (non-padding) tokens of packed rows, the same count the trainer's
-tokens/s reports. Worker counts > 0 use Grain's multiprocess prefetch.
+tokens/s reports. Worker counts set config.data.workers (Grain's multiprocess prefetch).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import argparse
 import tempfile
 import time
 
-import grain
-from absl import flags
 
 from jit_tune.config import load_config
 from jit_tune.data.pipeline import run_tokenizer, train_dataset
@@ -28,15 +26,13 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     config = load_config(args.config, overrides)
     d = config.data
-    flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = run_tokenizer(config, scratch)
     print(f"config {args.config}: batches of {d.batch_size} x {d.seq_len}")
     for workers in args.workers:
-        dataset = train_dataset(config, tokenizer)
-        if workers:
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        iterator = iter(dataset)
+        config.unlock()
+        config.data.workers = workers  # as training runs it: in-process, or Grain's mp_prefetch
+        iterator = iter(train_dataset(config, tokenizer))
         next(iterator)  # start-up (workers, packer fill) is not throughput
         start, tokens = time.perf_counter(), 0
         for _ in range(args.batches):

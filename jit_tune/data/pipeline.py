@@ -13,7 +13,8 @@ Rows leave the pipeline as int32 arrays [rows, seq_len]:
   truncated          1 on the tokens of an example cut to fit the row (host-side, for logs)
 
 Examples dropped before packing (too long, or with no trained token) are counted in the
-`dropped` Counter a caller passes to train_dataset, in the process that renders them.
+`dropped` Counter a caller passes to train_dataset, in the process that renders them
+(with data.workers > 0 that is a worker, and the caller's Counter stays empty).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import functools
 
 import grain
 import numpy as np
+from absl import flags
 from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset, WindowShuffleMapDataset
 from ml_collections import ConfigDict
 from transformers import PreTrainedTokenizerBase
@@ -106,7 +108,13 @@ def train_dataset(
     # worker processes (mp_prefetch).
     inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     packed = pack(encoded.to_iter_dataset(inline), config, FEATURES + HOST_FEATURES)
-    return packed.map(_to_row).batch(d.batch_size // process_count, drop_remainder=True)
+    batches = packed.map(_to_row).batch(d.batch_size // process_count, drop_remainder=True)
+    if d.workers:
+        # Worker processes render and pack, each its share of the batches; the iterator's
+        # state (saved in checkpoints) covers all of them.
+        flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers))
+    return batches
 
 
 def pack(examples: grain.IterDataset, config: ConfigDict, features: tuple[str, ...] = FEATURES) -> grain.IterDataset:

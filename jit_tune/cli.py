@@ -7,7 +7,8 @@
     jit-tune generate --workdir runs/tiny --prompt "Sort these words: owl cake"     (or --hf DIR)
 
 User mistakes (a bad config, a missing file) end with a one-paragraph message and exit
-code 2, never a traceback; a run whose loss stops being finite ends with exit code 3.
+code 2, never a traceback; a run whose loss stops being finite ends with exit code 3; a
+run stopped by SIGTERM saves a checkpoint and ends with exit code 75 (rerun to resume).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from jit_tune.config import ConfigError
     from jit_tune.data.sources import SourceError
+    from jit_tune.train.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         if args.verb == "train":
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # a diverged run: the last good checkpoint stays
         print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:
+        print(f"jit-tune {args.verb}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

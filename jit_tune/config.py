@@ -115,7 +115,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.steps = 600
     c.train.log_every = 10
     c.train.checkpoint_every = 200
-    c.train.keep_checkpoints = 2
+    c.train.keep_checkpoints = 2  # the last N
+    c.train.keep_every = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    # A non-finite loss "stop"s the run (exit 3, the last good checkpoint kept), or "skip"s
+    # the step's update, up to max_skipped_steps in a row before stopping.
+    c.train.on_nonfinite = "stop"
+    c.train.max_skipped_steps = 5
 
     c.mesh = ml_collections.ConfigDict()
     # Sizes of the named mesh axes; one may be -1, filled with the remaining devices.
@@ -332,7 +337,9 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("optimizer.b1", 0 <= o.b1 < 1, "a number in [0, 1)")
     check("optimizer.b2", 0 <= o.b2 < 1, "a number in [0, 1)")
     check("optimizer.grad_clip", o.grad_clip >= 0, "a number >= 0 (0 disables clipping)")
-    for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    check("train.keep_every", isinstance(t.keep_every, int) and t.keep_every >= 0, "an integer >= 0 (0: none)")
+    check("train.on_nonfinite", t.on_nonfinite in ("stop", "skip"), "'stop' or 'skip'")
+    for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_skipped_steps"):
         check(f"train.{key}", isinstance(t[key], int) and t[key] > 0, "a positive integer")
     sizes = dict(config.mesh.shape)
     check("mesh.shape", set(sizes) == {"data", "fsdp", "tensor"}, "the axes data, fsdp and tensor")

@@ -17,10 +17,12 @@ from jit_tune.config import ConfigError
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int):
+    def __init__(self, directory: Path, keep: int, keep_every: int = 0):
+        """Keeps the last `keep` checkpoints, and every one whose step is a multiple of
+        `keep_every` (0: none)."""
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None, create=True),
         )
 
     def latest_step(self) -> int | None:

@@ -24,6 +24,7 @@ from jit_tune.eval import evaluator
 from jit_tune.train.checkpoint import Checkpointer
 from jit_tune.train.metrics import MetricsWriter
 from jit_tune.train.optimizer import learning_rate_schedule
+from jit_tune.train.preemption import Preempted, PreemptionWatch
 from jit_tune.train.state import create_model_and_optimizer
 from jit_tune.train.step import train_step
 
@@ -45,7 +46,7 @@ def setup(config: ConfigDict, workdir: Path):
     mesh_lib.check_batch_divides(d.batch_size, mesh)
     dropped = collections.Counter()
     data_iterator = iter(train_dataset(config, tokenizer, jax.process_index(), jax.process_count(), dropped))
-    checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.train.keep_every)
     start_step = checkpointer.latest_step() or 0
     model, optimizer = create_model_and_optimizer(config, mesh, abstract=start_step > 0)
     if start_step:
@@ -74,11 +75,19 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     # counts finished steps rather than queued ones.
     in_flight = None
     throughput = _Throughput()
+    guard = _NonfiniteGuard(t.on_nonfinite == "skip", t.max_skipped_steps)
     data_stats = _DataStats(list(mixture_rates(config)), dropped)
     last_step = min(t.steps, stop_at_step or t.steps)
     try:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), PreemptionWatch() as preemption:
             while step < last_step:
+                if preemption.should_stop():
+                    if in_flight is not None:
+                        _finish(*in_flight, writer, progress, schedule, throughput, guard, data_stats)
+                    if checkpointer.latest_step() != step:
+                        checkpointer.save(step, model, optimizer, data_iterator)
+                    checkpointer.wait()
+                    raise Preempted(step)
                 local = next(data_iterator)
                 # Counted now, added to the logged windows when the step finishes.
                 counts = data_stats.count(local)
@@ -86,11 +95,11 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                 metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh))
                 step += 1
                 if in_flight is not None:
-                    _finish(*in_flight, writer, progress, schedule, throughput, data_stats)
+                    _finish(*in_flight, writer, progress, schedule, throughput, guard, data_stats)
                 in_flight = (step, metrics, tokens, counts, step % t.log_every == 0 or step == last_step)
                 if step % t.checkpoint_every == 0 or step == last_step:
                     # Checked before saving, so a non-finite loss never reaches a checkpoint.
-                    _finish(*in_flight, writer, progress, schedule, throughput, data_stats)
+                    _finish(*in_flight, writer, progress, schedule, throughput, guard, data_stats)
                     in_flight = None
                     checkpointer.save(step, model, optimizer, data_iterator)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
@@ -123,6 +132,29 @@ class _Throughput:
         rate = self.tokens / max(now - self.start, 1e-9)
         self.tokens, self.start = 0, now
         return rate
+
+
+class _NonfiniteGuard:
+    """A non-finite loss stops the run, or (train.on_nonfinite = "skip") counts as a
+    skipped step, whose update the optimizer dropped, up to max_skipped_steps in a row."""
+
+    def __init__(self, skip: bool, max_skipped: int):
+        self.skip, self.max_skipped = skip, max_skipped
+        self.skipped = self.in_a_row = 0
+
+    def check(self, step: int, loss: float) -> None:
+        if np.isfinite(loss):
+            self.in_a_row = 0
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        if not self.skip:
+            raise FloatingPointError(f"step {step}: loss is {loss}; stopping (the last good checkpoint is kept)")
+        if self.in_a_row > self.max_skipped:
+            raise FloatingPointError(
+                f"step {step}: loss is {loss} for {self.in_a_row} steps in a row (train.max_skipped_steps = "
+                f"{self.max_skipped}); stopping (the last good checkpoint is kept)")
+        tqdm.write(f"step {step}: loss is {loss}; its update was skipped (train.on_nonfinite = 'skip')")
 
 
 class _DataStats:
@@ -159,16 +191,17 @@ class _DataStats:
 
 
 def _finish(step: int, metrics, tokens: int, counts: np.ndarray, log: bool, writer: MetricsWriter,
-            progress: tqdm, schedule, throughput: _Throughput, data_stats: _DataStats) -> None:
+            progress: tqdm, schedule, throughput: _Throughput, guard: _NonfiniteGuard, data_stats: _DataStats) -> None:
     """Wait for a dispatched step; check and log its metrics on logging steps."""
     loss = float(metrics["loss"])  # blocks until the step is done
     throughput.add(tokens)
     data_stats.add(counts)
     progress.update(1)
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"step {step}: loss is {loss}; stopping (the last good checkpoint is kept)")
+    guard.check(step, loss)
     if log:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if guard.skipped:
+            values["skipped_steps"] = guard.skipped
         if SKIPPED.count:
             values["skipped_records"] = SKIPPED.count
         values.update(lr=float(schedule(step - 1)), tokens_per_sec=throughput.take(), **data_stats.take())

@@ -28,6 +28,9 @@ def make_optimizer(config: ConfigDict) -> optax.GradientTransformation:
     adamw = optax.adamw(
         learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=_decay_mask
     )
-    if o.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
-    return adamw
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+    if config.train.on_nonfinite == "skip":
+        # Non-finite gradients leave params and moments untouched; the loop stops the run
+        # before optax's own limit would apply them anyway.
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=config.train.max_skipped_steps + 1)
+    return tx

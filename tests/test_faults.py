@@ -1,0 +1,120 @@
+"""Preemption and faults, on real training processes: SIGTERM saves and exits with the
+documented code; kill -9 in the middle of a save leaves the previous checkpoint
+restorable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jit_tune.train.preemption import EXIT_PREEMPTED
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start_training(workdir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, "-m", "jit_tune.cli", "train", "--config", "configs/tiny.py:smoke", "--workdir",
+               str(workdir), "--config.train.steps=100000", "--config.train.log_every=1", *overrides]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _logged_steps(workdir: Path) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_75(tmp_path):
+    from jit_tune.train.checkpoint import Checkpointer
+
+    workdir = tmp_path / "run"
+    process = _start_training(workdir, "--config.train.checkpoint_every=1000")
+    _wait_for(lambda: len(_logged_steps(workdir)) >= 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == EXIT_PREEMPTED == 75, err[-3000:]
+    assert "preempted (SIGTERM): saved a checkpoint at step" in err and "Traceback" not in err
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
+    try:
+        # the checkpoint is the last step that ran, not the last interval save (there was none)
+        assert checkpointer.latest_step() == max(_logged_steps(workdir)) >= 2
+    finally:
+        checkpointer.close()
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path):
+    from jit_tune.config import config_from_dict
+    from jit_tune.train.loop import setup
+
+    workdir = tmp_path / "run"
+    process = _start_training(workdir, "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=3")
+    checkpoints = workdir / "checkpoints"
+
+    def saving() -> bool:  # Orbax writes into a temporary directory, then renames it
+        return checkpoints.is_dir() and any("tmp" in p.name for p in checkpoints.iterdir()) and any(
+            p.name.isdigit() for p in checkpoints.iterdir())
+
+    _wait_for(saving, process)
+    process.kill()
+    process.communicate()
+    assert any("tmp" in p.name for p in checkpoints.iterdir())  # killed mid-save
+
+    config = config_from_dict(json.loads((workdir / "config.json").read_text()), "config.json")
+    *_, checkpointer, step = setup(config, workdir)  # restores the latest complete checkpoint
+    checkpointer.close()
+    assert step >= 1 and (checkpoints / str(step)).is_dir()
+
+
+def test_skip_mode_drops_non_finite_updates_and_keeps_finite_ones(smoke_config):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jit_tune.train.optimizer import make_optimizer
+
+    smoke_config.train.on_nonfinite = "skip"
+    smoke_config.optimizer.warmup_steps = 0
+    tx = make_optimizer(smoke_config)
+    params = {"w": jnp.ones((2, 2))}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.full((2, 2), jnp.nan)}, state, params)
+    assert not np.any(updates["w"])  # skipped: no change at all
+    updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
+    assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"])
+
+
+def test_skip_mode_stops_after_too_many_non_finite_steps_in_a_row(tmp_path, capsys):
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    args = ["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=30",
+            "--config.train.log_every=1", "--config.train.on_nonfinite=skip", "--config.train.max_skipped_steps=3",
+            "--config.optimizer.lr=1e38"]
+    assert main(args) == 3
+    out, err = capsys.readouterr()
+    assert "its update was skipped" in out + err and "for 4 steps in a row (train.max_skipped_steps = 3)" in err
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_steps"] for m in logged if "skipped_steps" in m][:3] == [1, 2, 3]
+
+
+def test_keeps_the_last_n_checkpoints_and_every_kth(tmp_path):
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=7",
+                 "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2",
+                 "--config.train.keep_every=3"]) == 0
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6, 7]

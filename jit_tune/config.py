@@ -98,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 128  # packed row length
     c.data.truncation = "left"  # longer examples: "left" cuts the prompt's start, "drop" skips them
     c.data.batch_size = 32  # rows per global batch
+    # Data streams, each packed on its own, that processes share (data/streams.py); the
+    # batches do not depend on the process count. 0: one per process at the first run.
+    c.data.streams = 0
     c.data.workers = 0  # Grain worker processes that render and pack (0: in the training process)
     c.data.packing = "best_fit"  # or "first_fit" (Grain's packers)
     c.data.packing_bins = 256  # rows kept open; more fill better and cost memory
@@ -329,6 +332,8 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("data.shuffle_window", isinstance(d.shuffle_window, int) and d.shuffle_window > 0, "a positive integer")
     check("data.packing_bins", d.packing_bins > 0, "a positive integer")
     check("data.workers", isinstance(d.workers, int) and d.workers >= 0, "an integer >= 0")
+    check("data.streams", isinstance(d.streams, int) and d.streams >= 0 and (not d.streams or
+          d.batch_size % d.streams == 0), f"0 (one per process) or a divisor of data.batch_size ({d.batch_size})")
     check("data.packing", d.packing in ("best_fit", "first_fit"), "'best_fit' or 'first_fit'")
     check("optimizer.lr", o.lr > 0, "a positive learning rate")
     check("optimizer.warmup_steps", 0 <= o.warmup_steps < t.steps, f"an integer in [0, train.steps={t.steps})")

@@ -131,3 +131,20 @@ def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path):
     reverse = {m["step"]: m["mixture/reverse"] for m in logged if "mixture/reverse" in m}
     assert max(reverse[s] for s in (1, 2, 3)) < 0.3  # 1 of 12 equal-ish rates before
     assert min(reverse[s] for s in (4, 5, 6)) > 0.5  # 50 / (50 + 15) after
+
+
+def test_data_streams_must_fit_the_processes_and_the_checkpoint(tmp_path, smoke_config, tokenizer):
+    from jit_tune.config import ConfigError
+
+    smoke_config.data.streams, smoke_config.data.batch_size = 3, 24
+    with pytest.raises(ConfigError, match="streams = 3: expected a multiple of the 2 processes"):
+        train_dataset(smoke_config, tokenizer, process_index=0, process_count=2)
+    smoke_config.data.batch_size = 8
+    with pytest.raises(ConfigError, match="batch_size = 8: expected a multiple of the 3 data streams"):
+        train_dataset(smoke_config, tokenizer)
+    smoke_config.data.streams = 2
+    workdir = tmp_path / "run"
+    train(smoke_config, workdir, stop_at_step=1)
+    smoke_config.data.streams = 4
+    with pytest.raises(ConfigError, match="has 2 data streams: set it to 2, or 0 to follow the checkpoint"):
+        train(smoke_config, workdir)

@@ -1,8 +1,9 @@
 """The one data path, on Grain: tasks -> mixture -> render + tokenize -> pack -> batch.
 
-Each process reads its own slice of the mixture (never a duplicate of another host's),
-so the per-process batch is `batch_size / process_count` rows. The iterator's state is
-saved inside each checkpoint, so a resumed run continues with exactly the next batch.
+The mixed stream is dealt into data streams (streams.py), each packed on its own; each
+process runs its share of them, so hosts never duplicate an example and the global
+batch does not depend on the process count. The streams' states are saved inside each
+checkpoint, so a resumed run continues with exactly the next batch.
 
 Rows leave the pipeline as int32 arrays [rows, seq_len]:
   inputs, targets    tokens and the next token (shifted within an example, never across)
@@ -29,10 +30,12 @@ from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset, 
 from ml_collections import ConfigDict
 from transformers import PreTrainedTokenizerBase
 
+from jit_tune.config import ConfigError
 from jit_tune.data import builtin_tasks
 from jit_tune.data import tasks as tasks_lib
 from jit_tune.data.mixture import task_rates
 from jit_tune.data.render import tokenize_conversation
+from jit_tune.data.streams import Streams, owned_streams
 from jit_tune.data.tokenizer import get_tokenizer
 
 FEATURES = ("inputs", "targets", "loss_mask")
@@ -91,30 +94,40 @@ def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def train_dataset(
     config: ConfigDict, tokenizer: PreTrainedTokenizerBase, process_index: int = 0, process_count: int = 1,
-    dropped: collections.Counter | None = None,
-) -> grain.IterDataset:
-    """Batches of packed rows for this process, endless and deterministic in config.seed;
-    `dropped` counts the examples left out ("too_long", "no_trained_token")."""
+    dropped: collections.Counter | None = None, stream_count: int | None = None,
+) -> Streams:
+    """This process's batches of packed rows (`batch_size / process_count` of each global
+    batch), endless and deterministic in config.seed, from its share of the data streams
+    (streams.py; `stream_count` overrides config.data.streams, as a resumed run's
+    checkpoint does). `dropped` counts the examples left out ("too_long",
+    "no_trained_token")."""
     d = config.data
-    if d.batch_size % process_count:
-        raise ValueError(f"config.data.batch_size = {d.batch_size}: expected a multiple of the {process_count} processes")
-    local = mixed_examples(config)[process_index::process_count]
+    stream_count = stream_count or d.streams or process_count
+    if d.batch_size % stream_count:
+        raise ConfigError(f"config.data.batch_size = {d.batch_size}: expected a multiple of the {stream_count} data "
+                          "streams (config.data.streams, or one per process)")
+    mixed = mixed_examples(config)
     task_index = {name: i for i, name in enumerate(mixture_rates(config))}
-    encoded = local.map(functools.partial(_tagged, task_index=task_index, tokenizer=tokenizer, train_on=d.train_on))
-    encoded = encoded.map(functools.partial(_fit, seq_len=d.seq_len, policy=d.truncation,
-                                            dropped=collections.Counter() if dropped is None else dropped))
-    # Rendering runs inline: Grain's thread prefetch polls its futures under the GIL and
-    # cut throughput by 2.3x here (tools/bench_pipeline.py); parallel reading is for
-    # worker processes (mp_prefetch).
-    inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    packed = pack(encoded.to_iter_dataset(inline), config, FEATURES + HOST_FEATURES)
-    batches = packed.map(_to_row).batch(d.batch_size // process_count, drop_remainder=True)
-    if d.workers:
-        # Worker processes render and pack, each its share of the batches; the iterator's
-        # state (saved in checkpoints) covers all of them.
-        flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers))
-    return batches
+    dropped = collections.Counter() if dropped is None else dropped
+
+    def stream(index: int) -> grain.IterDataset:
+        encoded = mixed[index::stream_count].map(
+            functools.partial(_tagged, task_index=task_index, tokenizer=tokenizer, train_on=d.train_on))
+        encoded = encoded.map(functools.partial(_fit, seq_len=d.seq_len, policy=d.truncation, dropped=dropped))
+        # Rendering runs inline: Grain's thread prefetch polls its futures under the GIL and
+        # cut throughput by 2.3x here (tools/bench_pipeline.py); parallel reading is for
+        # worker processes (mp_prefetch).
+        inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        packed = pack(encoded.to_iter_dataset(inline), config, FEATURES + HOST_FEATURES)
+        batches = packed.map(_to_row).batch(d.batch_size // stream_count, drop_remainder=True)
+        if d.workers:
+            # Worker processes render and pack, each its share of the stream's batches; the
+            # iterator's state (saved in checkpoints) covers all of them.
+            flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags
+            batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers))
+        return batches
+
+    return Streams(stream, owned_streams(stream_count, process_index, process_count), stream_count)
 
 
 def pack(examples: grain.IterDataset, config: ConfigDict, features: tuple[str, ...] = FEATURES) -> grain.IterDataset:

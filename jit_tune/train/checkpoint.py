@@ -1,5 +1,5 @@
 """Orbax checkpoints of the whole run state: params, optimizer state (with the step) and
-the data iterator's position, so that a resume continues with exactly the next batch.
+every data stream's position, so that a resume continues with exactly the next batch.
 
 Saves are atomic (Orbax writes to a temporary directory and renames it), so an
 interrupted save never replaces the last good checkpoint.
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grain
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from jit_tune.config import ConfigError
+from jit_tune.data.streams import StreamsRestore, StreamsSave, saved_stream_count
 
 
 class Checkpointer:
@@ -33,7 +33,7 @@ class Checkpointer:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+                state=ocp.args.StandardSave(state), data=StreamsSave(data_iterator)
             ),
             force=True,
         )
@@ -45,7 +45,7 @@ class Checkpointer:
         target = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(optimizer_state)}
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = StreamsRestore(data_iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except ValueError as e:
@@ -61,6 +61,10 @@ class Checkpointer:
         nnx.replace_by_pure_dict(optimizer_state, restored.state["optimizer"])
         nnx.update(model, model_state)
         nnx.update(optimizer, optimizer_state)
+
+    def stream_count(self, step: int) -> int | None:
+        """How many data streams the run that saved `step` had."""
+        return saved_stream_count(Path(self.manager.directory) / str(step) / "data")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

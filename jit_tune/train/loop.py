@@ -44,10 +44,14 @@ def setup(config: ConfigDict, workdir: Path):
         )
     mesh = mesh_lib.make_mesh(config)
     mesh_lib.check_batch_divides(d.batch_size, mesh)
-    dropped = collections.Counter()
-    data_iterator = iter(train_dataset(config, tokenizer, jax.process_index(), jax.process_count(), dropped))
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.train.keep_every)
     start_step = checkpointer.latest_step() or 0
+    dropped = collections.Counter()
+    streams = checkpointer.stream_count(start_step) if start_step else None  # kept across process counts
+    if streams and d.streams and d.streams != streams:
+        raise ConfigError(f"config.data.streams = {d.streams}, but the checkpoint at step {start_step} in "
+                          f"{workdir} has {streams} data streams: set it to {streams}, or 0 to follow the checkpoint")
+    data_iterator = iter(train_dataset(config, tokenizer, jax.process_index(), jax.process_count(), dropped, streams))
     model, optimizer = create_model_and_optimizer(config, mesh, abstract=start_step > 0)
     if start_step:
         checkpointer.restore(start_step, model, optimizer, data_iterator)

@@ -1,0 +1,29 @@
+"""The real training loop as several JAX processes on 127.0.0.1 (CPU, 2 devices each):
+the same losses as one process, and a run saved by 2 processes resumes on 1."""
+
+import pytest
+
+from multihost import spawn
+
+STEPS = 4
+# Two data streams in every run, so the batches do not depend on the process count.
+OVERRIDES = ["--config.data.streams=2", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
+             "--config.train.checkpoint_every=2", "--config.eval.examples_per_task=1"]
+
+
+def _losses(report):
+    return [report["losses"][str(step)] for step in range(1, STEPS + 1)]
+
+
+def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
+    single = spawn("train_worker.py", 1, str(tmp_path / "single"), str(STEPS), *OVERRIDES, devices_per_process=4)
+    double = spawn("train_worker.py", 2, str(tmp_path / "double"), str(STEPS), *OVERRIDES)
+    assert double[0]["devices"] == single[0]["devices"] == 4
+    assert _losses(double[0]) == pytest.approx(_losses(single[0]), rel=1e-5)
+
+    # Saved by 2 processes at step 2, resumed by 1 process on another mesh shape.
+    moved = str(tmp_path / "moved")
+    spawn("train_worker.py", 2, moved, "2", *OVERRIDES)
+    resumed = spawn("train_worker.py", 1, moved, str(STEPS), *OVERRIDES, "--config.mesh.shape.data=1",
+                    "--config.mesh.shape.fsdp=2", "--config.mesh.shape.tensor=2", devices_per_process=4)
+    assert _losses(resumed[0]) == pytest.approx(_losses(single[0]), rel=1e-5)

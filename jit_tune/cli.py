@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="run directory; running again resumes from it")
     evaluate = verbs.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     evaluate.add_argument("--workdir", required=True)
+    for verb in (train, evaluate):  # multi-process runs; see jit_tune/distributed.py
+        verb.add_argument("--coordinator", help="HOST:PORT of process 0, where no cluster manager tells JAX")
+        verb.add_argument("--num-processes", type=int)
+        verb.add_argument("--process-id", type=int)
     export = verbs.add_parser("export", help="write the latest checkpoint as a Hugging Face model dir")
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True)
@@ -63,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from jit_tune.config import ConfigError
     from jit_tune.data.sources import SourceError
+    from jit_tune.distributed import DistributedError
     from jit_tune.train.preemption import EXIT_PREEMPTED, Preempted
 
     try:
+        if args.verb in ("train", "eval"):
+            from jit_tune.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id)
         if args.verb == "train":
             from jit_tune.config import load_config
             from jit_tune.train.loop import train
@@ -101,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                                         args.top_k, args.top_p, args.seed, args.stop)
             for prompt, reply in zip(args.prompt, replies):
                 print(f"> {prompt}\n{reply}")
-    except (ConfigError, FileNotFoundError, SourceError) as e:
+    except (ConfigError, FileNotFoundError, SourceError, DistributedError) as e:
         print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a diverged run: the last good checkpoint stays

@@ -1,0 +1,67 @@
+"""Joining a multi-process run: one JAX process per host (or per GPU node).
+
+`initialize` needs no flags where a cluster manager says who is who:
+- TPU VMs and GKE TPU node pools, SLURM (srun), Open MPI: JAX's own cluster detection
+  (`jax.distributed.initialize()` with no arguments) reads their environment;
+- elsewhere, an explicit coordinator: `--coordinator HOST:PORT --num-processes N
+  --process-id I`, or the same in JIT_TUNE_COORDINATOR, JIT_TUNE_NUM_PROCESSES and
+  JIT_TUNE_PROCESS_ID (what launch/local.py and the GKE GPU manifest set).
+A process that finds neither runs alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax
+
+class DistributedError(ValueError):
+    pass
+
+
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JIT_TUNE_COORDINATOR", "JIT_TUNE_NUM_PROCESSES", "JIT_TUNE_PROCESS_ID"
+
+
+def cluster(environ: Mapping[str, str]) -> str | None:
+    """The cluster manager whose environment this process runs in, when it has peers."""
+    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in environ:
+        return "slurm"
+    if int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "openmpi"
+    if "," in environ.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in environ:
+        return "tpu"  # GKE TPU pods and multi-slice jobs set these
+    if environ.get("TPU_ACCELERATOR_TYPE") or environ.get("CLOUD_TPU_TASK_ID") is not None:
+        return "tpu"  # a TPU VM: JAX asks the metadata server for the other workers
+    return None
+
+
+def explicit(coordinator: str | None, num_processes: int | None, process_id: int | None,
+             environ: Mapping[str, str]) -> tuple[str, int, int] | None:
+    """(coordinator, num_processes, process_id) from the flags, else the environment."""
+    coordinator = coordinator or environ.get(ENV_COORDINATOR)
+    if not coordinator:
+        return None
+    num = num_processes if num_processes is not None else environ.get(ENV_NUM_PROCESSES)
+    index = process_id if process_id is not None else environ.get(ENV_PROCESS_ID)
+    if num is None or index is None:
+        raise DistributedError(f"coordinator {coordinator}: also give the number of processes and this process's id "
+                         f"(--num-processes and --process-id, or {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID})")
+    if not 0 <= int(index) < int(num):
+        raise DistributedError(f"process id {index}: expected 0 to {int(num) - 1} for {num} processes")
+    return coordinator, int(num), int(index)
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               environ: Mapping[str, str] | None = None) -> str:
+    """Join the run's processes before any JAX computation; returns how."""
+    environ = os.environ if environ is None else environ
+    given = explicit(coordinator, num_processes, process_id, environ)
+    if given:
+        jax.distributed.initialize(*given)
+        return f"coordinator {given[0]}, process {given[2]} of {given[1]}"
+    kind = cluster(environ)
+    if kind:
+        jax.distributed.initialize()
+        return f"{kind}: process {jax.process_index()} of {jax.process_count()}"
+    return "single process"

@@ -118,6 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.steps = 600
     c.train.log_every = 10
     c.train.checkpoint_every = 200
+    c.train.microbatches = 1  # gradient accumulation: each batch runs in this many sequential slices
     c.train.keep_checkpoints = 2  # the last N
     c.train.keep_every = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     # A non-finite loss "stop"s the run (exit 3, the last good checkpoint kept), or "skip"s
@@ -344,7 +345,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("optimizer.grad_clip", o.grad_clip >= 0, "a number >= 0 (0 disables clipping)")
     check("train.keep_every", isinstance(t.keep_every, int) and t.keep_every >= 0, "an integer >= 0 (0: none)")
     check("train.on_nonfinite", t.on_nonfinite in ("stop", "skip"), "'stop' or 'skip'")
-    for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_skipped_steps"):
+    for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_skipped_steps", "microbatches"):
         check(f"train.{key}", isinstance(t[key], int) and t[key] > 0, "a positive integer")
     sizes = dict(config.mesh.shape)
     check("mesh.shape", set(sizes) == {"data", "fsdp", "tensor"}, "the axes data, fsdp and tensor")

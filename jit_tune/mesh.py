@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
+from jit_tune.config import ConfigError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_SPEC = PartitionSpec(("data", "fsdp"))
 
@@ -49,11 +51,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH_SPEC)
 
 
-def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
+def check_batch_divides(global_batch: int, mesh: Mesh, microbatches: int = 1) -> None:
+    """Every batch shard splits evenly into the microbatches (gradient accumulation)."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_batch % shards:
-        raise ValueError(
+    if global_batch % (shards * microbatches):
+        raise ConfigError(
             f"config.data.batch_size = {global_batch}: expected a multiple of the data x fsdp mesh size ({shards})"
+            + (f" times train.microbatches ({microbatches})" if microbatches > 1 else "")
         )
 
 

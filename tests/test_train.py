@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jit_tune import mesh as mesh_lib
+from jit_tune.config import ConfigError
 from jit_tune.data.pipeline import train_dataset
 from jit_tune.train.loop import setup, train
 from jit_tune.train.state import create_model_and_optimizer
@@ -15,24 +16,42 @@ from jit_tune.train.step import train_step
 
 def _losses(config, tokenizer, devices, steps=3):
     mesh = mesh_lib.make_mesh(config, devices)
+    mesh_lib.check_batch_divides(config.data.batch_size, mesh, config.train.microbatches)
     model, optimizer = create_model_and_optimizer(config, mesh)
     batches = iter(train_dataset(config, tokenizer))
     losses = []
     with jax.set_mesh(mesh):
         for _ in range(steps):
-            metrics = train_step(model, optimizer, mesh_lib.global_batch(next(batches), mesh))
+            metrics = train_step(model, optimizer, mesh_lib.global_batch(next(batches), mesh),
+                                 config.train.microbatches)
             losses.append(float(metrics["loss"]))
     return losses
 
 
-@pytest.mark.parametrize("shape", [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}])
+@pytest.mark.parametrize("shape", [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8, "tensor": 1},
+                                   {"data": 1, "fsdp": 1, "tensor": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
 def test_loss_on_8_devices_equals_1_device(tokenizer, smoke_config, shape):
     assert len(jax.devices()) == 8
+    # 8 heads of each kind, so that 8-way tensor parallelism splits them evenly.
+    smoke_config.model.update(n_heads=8, n_kv_heads=8, head_dim=24)
     single = _losses(smoke_config, tokenizer, jax.devices()[:1])
     smoke_config.mesh.shape.update(shape)
     sharded = _losses(smoke_config, tokenizer, jax.devices())
     np.testing.assert_allclose(sharded, single, rtol=1e-5)
     assert single[-1] < single[0]
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_gradient_accumulation_equals_one_big_batch(tokenizer, smoke_config, devices):
+    smoke_config.data.batch_size = 16
+    whole = _losses(smoke_config, tokenizer, jax.devices()[:devices])
+    smoke_config.train.microbatches = 2
+    accumulated = _losses(smoke_config, tokenizer, jax.devices()[:devices])
+    np.testing.assert_allclose(accumulated, whole, rtol=1e-5)
+    smoke_config.train.microbatches = 4
+    if devices == 8:  # 2 rows per device do not split into 4 microbatches
+        with pytest.raises(ConfigError, match=r"multiple of the data x fsdp mesh size \(8\) times train.microbatches"):
+            _losses(smoke_config, tokenizer, jax.devices())
 
 
 def _step_losses(workdir):
@@ -134,8 +153,6 @@ def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path):
 
 
 def test_data_streams_must_fit_the_processes_and_the_checkpoint(tmp_path, smoke_config, tokenizer):
-    from jit_tune.config import ConfigError
-
     smoke_config.data.streams, smoke_config.data.batch_size = 3, 24
     with pytest.raises(ConfigError, match="streams = 3: expected a multiple of the 2 processes"):
         train_dataset(smoke_config, tokenizer, process_index=0, process_count=2)

@@ -43,7 +43,7 @@ def setup(config: ConfigDict, workdir: Path):
             f"{len(tokenizer)} tokens"
         )
     mesh = mesh_lib.make_mesh(config)
-    mesh_lib.check_batch_divides(d.batch_size, mesh)
+    mesh_lib.check_batch_divides(d.batch_size, mesh, config.train.microbatches)
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.train.keep_every)
     start_step = checkpointer.latest_step() or 0
     dropped = collections.Counter()
@@ -96,7 +96,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                 # Counted now, added to the logged windows when the step finishes.
                 counts = data_stats.count(local)
                 tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
-                metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh))
+                metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh), t.microbatches)
                 step += 1
                 if in_flight is not None:
                     _finish(*in_flight, writer, progress, schedule, throughput, guard, data_stats)

@@ -72,8 +72,11 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, smoke_config, w
 
     # The restored data iterator yields exactly the batch the uninterrupted run saw next.
     tokenizer, *_, data_iterator, _, checkpointer, step = setup(smoke_config, resumed)
+    run = checkpointer.saved_run(3)
     checkpointer.close()
     assert step == 3
+    assert run["config"] == json.loads(json.dumps(smoke_config.to_dict(), default=list))
+    assert run["process_count"] == 1 and run["device_count"] == 8
     fresh = iter(train_dataset(smoke_config, tokenizer))
     for _ in range(3):
         next(fresh)

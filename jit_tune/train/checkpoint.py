@@ -7,19 +7,24 @@ interrupted save never replaces the last good checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from ml_collections import ConfigDict
 
 from jit_tune.config import ConfigError
 from jit_tune.data.streams import StreamsRestore, StreamsSave, saved_stream_count
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int, keep_every: int = 0):
+    def __init__(self, directory: Path, keep: int, keep_every: int = 0, config: ConfigDict | None = None):
         """Keeps the last `keep` checkpoints, and every one whose step is a multiple of
-        `keep_every` (0: none)."""
+        `keep_every` (0: none). With the run's `config`, each save also records it, with
+        the process and device counts that wrote it (`saved_run`)."""
+        self.config = config
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None, create=True),
@@ -30,13 +35,18 @@ class Checkpointer:
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_iterator) -> None:
         state = {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=StreamsSave(data_iterator)
-            ),
-            force=True,
-        )
+        items = {"state": ocp.args.StandardSave(state), "data": StreamsSave(data_iterator)}
+        if self.config is not None:
+            # The data order and initialization derive from config.seed; the step draws no
+            # random numbers, so the config is the whole of the run's RNG state.
+            run = {"config": json.loads(json.dumps(self.config.to_dict(), default=list)),
+                   "process_count": jax.process_count(), "device_count": jax.device_count()}
+            items["run"] = ocp.args.JsonSave(run)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def saved_run(self, step: int) -> dict:
+        """The config, process count and device count recorded with `step`."""
+        return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore())).run
 
     def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_iterator=None) -> None:
         """Restore in place; `model` and `optimizer` give the target shapes and shardings.

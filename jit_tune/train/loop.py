@@ -44,7 +44,8 @@ def setup(config: ConfigDict, workdir: Path):
         )
     mesh = mesh_lib.make_mesh(config)
     mesh_lib.check_batch_divides(d.batch_size, mesh, config.train.microbatches)
-    checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.train.keep_every)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.train.keep_every,
+                                config)
     start_step = checkpointer.latest_step() or 0
     dropped = collections.Counter()
     streams = checkpointer.stream_count(start_step) if start_step else None  # kept across process counts

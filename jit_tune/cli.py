@@ -5,10 +5,12 @@
     jit-tune data inspect --config configs/t0.py
     jit-tune export --workdir runs/tiny --out runs/tiny/hf
     jit-tune generate --workdir runs/tiny --prompt "Sort these words: owl cake"     (or --hf DIR)
+    jit-tune compile --config configs/llama3_8b.py --topology v5p:4x4x8    (AOT; needs jit_tune[tpu])
 
 User mistakes (a bad config, a missing file) end with a one-paragraph message and exit
 code 2, never a traceback; a run whose loss stops being finite ends with exit code 3; a
-run stopped by SIGTERM saves a checkpoint and ends with exit code 75 (rerun to resume).
+run stopped by SIGTERM saves a checkpoint and ends with exit code 75 (rerun to resume);
+`compile` ends with exit code 4 when the step does not fit the chip's memory.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     export = verbs.add_parser("export", help="write the latest checkpoint as a Hugging Face model dir")
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True)
+    aot = verbs.add_parser("compile", help="AOT-compile the train step for a TPU topology; report memory and FLOPs")
+    aot.add_argument("--config", required=True)
+    aot.add_argument("--topology", required=True, help="GENERATION:GRID, e.g. v5p:4x4x8 or v6e:16x16")
+    aot.add_argument("--slices", type=int, default=1, help="slices over DCN (set config.mesh.dcn_shape to match)")
     data = verbs.add_parser("data", help="look at the data a config trains on")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     inspect = data_verbs.add_parser("inspect", help="rendered examples, mixture, lengths, packing; no model")
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from jit_tune.config import ConfigError
     from jit_tune.data.sources import SourceError
     from jit_tune.distributed import DistributedError
+    from jit_tune.topology import TopologyError
     from jit_tune.train.preemption import EXIT_PREEMPTED, Preempted
 
     try:
@@ -95,6 +102,20 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as scratch:  # tokenizers are built as training would
                 tokenizer = run_tokenizer(config, scratch)
             inspect_data(config, tokenizer, args.examples, args.sample)
+        elif args.verb == "compile":
+            from jit_tune.aot import DoesNotFit, compile_train_step
+            from jit_tune.config import load_config
+            from jit_tune.topology import parse
+
+            topology = parse(args.topology, args.slices)  # a bad name fails before the config loads
+            try:
+                report = compile_train_step(load_config(args.config, overrides), topology)
+            except DoesNotFit as e:
+                print(f"jit-tune compile: DOES NOT FIT: {e}", file=sys.stderr)
+                return 4
+            print(report.table())
+            if report.peak_bytes > topology.generation.hbm_bytes:
+                return 4
         elif args.verb == "export":
             from jit_tune.api import export_workdir
 
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                                         args.top_k, args.top_p, args.seed, args.stop)
             for prompt, reply in zip(args.prompt, replies):
                 print(f"> {prompt}\n{reply}")
-    except (ConfigError, FileNotFoundError, SourceError, DistributedError) as e:
+    except (ConfigError, FileNotFoundError, SourceError, DistributedError, TopologyError) as e:
         print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a diverged run: the last good checkpoint stays

@@ -67,6 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Stored parameter dtype, also what a HF checkpoint is converted to on import
     # (float32: master weights, whatever the checkpoint's dtype).
     c.model.param_dtype = "float32"
+    # Activation memory: "none" keeps every activation for the backward pass; "full"
+    # recomputes each block from its input; "dots" keeps only matmul outputs.
+    c.model.remat = "none"
 
     c.data = ml_collections.ConfigDict()
     # "builtin" (a BPE trained on the built-in tasks), "bpe" (a BPE trained on the
@@ -129,6 +132,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     # Sizes of the named mesh axes; one may be -1, filled with the remaining devices.
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Multi-slice: how many slices each axis spans, over the data-center network (DCN).
+    # An axis's full size is shape x dcn_shape; the product of dcn_shape is the slice count.
+    c.mesh.dcn_shape = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
     # Logical parameter/activation axis -> mesh axis (or None: replicated).
     c.mesh.rules = (
         ("batch", ("data", "fsdp")),
@@ -300,6 +306,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
           f"a multiple of model.n_kv_heads ({m.n_kv_heads}) for grouped-query attention")
     check("model.head_dim", m.head_dim % 2 == 0, "an even number (RoPE rotates pairs)")
     check("model.dtype", m.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
+    check("model.remat", m.remat in ("none", "full", "dots"), "'none', 'full' or 'dots'")
     check("model.param_dtype", m.param_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.rope_theta", m.rope_theta > 0, "a positive number")
     check("model.rope_scaling", m.rope_scaling in ("default", "linear", "llama3"), "'default', 'linear' or 'llama3'")
@@ -351,6 +358,9 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("mesh.shape", set(sizes) == {"data", "fsdp", "tensor"}, "the axes data, fsdp and tensor")
     check("mesh.shape", all(isinstance(s, int) and (s > 0 or s == -1) for s in sizes.values())
           and list(sizes.values()).count(-1) <= 1, "positive sizes, at most one -1 (fill)")
+    dcn = dict(config.mesh.dcn_shape)
+    check("mesh.dcn_shape", set(dcn) == {"data", "fsdp", "tensor"} and all(
+          isinstance(s, int) and s > 0 for s in dcn.values()), "positive sizes for the axes data, fsdp and tensor")
     check("mesh.rules", all(isinstance(r, (tuple, list)) and len(r) == 2 for r in config.mesh.rules),
           "(logical axis, mesh axis or None) pairs")
     check("eval.every_steps", e.every_steps >= 0, "an integer >= 0 (0: only at the end)")

@@ -7,10 +7,13 @@ sharding is declared. Batches are sharded over ("data", "fsdp") on their first a
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
@@ -21,26 +24,51 @@ BATCH_SPEC = PartitionSpec(("data", "fsdp"))
 
 
 def mesh_shape(config: ConfigDict, n_devices: int) -> tuple[int, ...]:
-    """Axis sizes with the -1 axis filled; an error if they do not tile the devices."""
+    """Axis sizes within a slice with the -1 axis filled; an error if they do not tile
+    the slice's devices."""
     sizes = [config.mesh.shape[axis] for axis in AXES]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise ValueError(f"config.mesh.shape {dict(zip(AXES, sizes))}: {n_devices} devices do not divide by {known}")
+            raise ConfigError(f"config.mesh.shape {dict(zip(AXES, sizes))}: {n_devices} devices do not divide by {known}")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh.shape {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, but {n_devices} are present"
+            " (per slice)"
         )
     return tuple(sizes)
 
 
 def make_mesh(config: ConfigDict, devices: list | None = None) -> Mesh:
-    """Auto axis types: the compiler propagates shardings from the annotated params."""
+    """The devices laid out as config.mesh.shape within a slice (ICI) times
+    config.mesh.dcn_shape across slices (DCN): each axis is as long as the product, and
+    an axis split over DCN crosses slices only in its outer part. Auto axis types: the
+    compiler propagates shardings from the annotated params."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(config, len(devices))
-    grid = np.asarray(devices).reshape(shape)
+    dcn = tuple(config.mesh.dcn_shape[axis] for axis in AXES)
+    slices = math.prod(dcn)
+    if len(devices) % slices:
+        raise ConfigError(f"config.mesh.dcn_shape {dict(zip(AXES, dcn))} spans {slices} slices, but "
+                          f"{len(devices)} devices do not split into {slices} equal slices")
+    ici = mesh_shape(config, len(devices) // slices)
+    if slices == 1:
+        grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+    else:
+        found = len({getattr(d, "slice_index", 0) for d in devices})
+        if found != slices:
+            raise ConfigError(f"config.mesh.dcn_shape {dict(zip(AXES, dcn))} spans {slices} slices, but the "
+                              f"devices come from {found}")
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+@contextlib.contextmanager
+def use_mesh(config: ConfigDict, mesh: Mesh):
+    """The mesh and the logical-axis rules, for creating state and tracing steps: the
+    rules place parameters at creation and pin activations while tracing."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(config)):
+        yield mesh
 
 
 def logical_rules(config: ConfigDict) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:

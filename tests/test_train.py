@@ -20,7 +20,7 @@ def _losses(config, tokenizer, devices, steps=3):
     model, optimizer = create_model_and_optimizer(config, mesh)
     batches = iter(train_dataset(config, tokenizer))
     losses = []
-    with jax.set_mesh(mesh):
+    with mesh_lib.use_mesh(config, mesh):
         for _ in range(steps):
             metrics = train_step(model, optimizer, mesh_lib.global_batch(next(batches), mesh),
                                  config.train.microbatches)
@@ -168,3 +168,13 @@ def test_data_streams_must_fit_the_processes_and_the_checkpoint(tmp_path, smoke_
     smoke_config.data.streams = 4
     with pytest.raises(ConfigError, match="has 2 data streams: set it to 2, or 0 to follow the checkpoint"):
         train(smoke_config, workdir)
+
+
+def test_remat_policies_keep_the_losses(tokenizer, smoke_config):
+    """(Their memory savings are measured on a TPU compile: tests/test_aot.py.)"""
+    losses = {}
+    for policy in ("none", "dots", "full"):
+        smoke_config.model.remat = policy
+        losses[policy] = _losses(smoke_config, tokenizer, jax.devices()[:1], steps=2)
+    np.testing.assert_allclose(losses["full"], losses["none"], rtol=1e-6)
+    np.testing.assert_allclose(losses["dots"], losses["none"], rtol=1e-6)

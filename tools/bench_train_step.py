@@ -38,7 +38,7 @@ def main() -> None:
     mesh = mesh_lib.make_mesh(config)
     model, optimizer = create_model_and_optimizer(config, mesh)
     n_params = sum(x.size for x in jax.tree.leaves(model))
-    with jax.set_mesh(mesh):
+    with mesh_lib.use_mesh(config, mesh):
         start = time.perf_counter()
         jax.block_until_ready(train_step(model, optimizer, mesh_lib.global_batch(local[0], mesh)))
         compile_s = time.perf_counter() - start

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core.spmd import get_logical_axis_rules
+from jax.sharding import PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,9 @@ class DecoderConfig:
     rope_local_theta: float = 0.0
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # stored parameters (and optimizer moments); float32 = master weights
+    # Training recomputes each block's activations in the backward pass instead of keeping
+    # them: "none", "full" (keep only the block inputs) or "dots" (keep matmul outputs).
+    remat: str = "none"
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
@@ -81,6 +86,17 @@ class KVCache(NamedTuple):
         shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
         zeros = jnp.zeros(shape, config.compute_dtype)
         return cls(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
+    """Pin an activation's sharding by logical axis names, through the logical-axis rules
+    in effect (mesh.use_mesh sets them while tracing a step; without rules this is a
+    no-op). Activations are split over the batch; weights are gathered to meet them."""
+    rules = get_logical_axis_rules()
+    if not rules:
+        return x
+    table = dict(rules)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*(table.get(name) for name in logical)))
 
 
 def _param(config: DecoderConfig, rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -223,6 +239,12 @@ class MLP(nnx.Module):
         return jnp.einsum("blf,fd->bld", act * up, self.down_FxD[...].astype(dt))
 
 
+# "dots" keeps the outputs of matmuls against weights (no batch dimensions), not the
+# attention score einsums, which are as large as the activations they would save.
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 class Block(nnx.Module):
     def __init__(self, config: DecoderConfig, layer: int, rngs: nnx.Rngs):
         c = config
@@ -267,22 +289,27 @@ class Decoder(nnx.Module):
         x = self.embed_VxD[...].astype(c.compute_dtype)[tokens_BxL]
         if c.embed_scale:
             x = x * jnp.asarray(c.d_model**0.5, c.compute_dtype)
+        x = constrain(x, "batch", "length", "activation_embed")
         if cache is None:
             slots = jnp.arange(tokens_BxL.shape[1])
         else:
             slots = cache.index + jnp.arange(tokens_BxL.shape[1])
             kv_segment = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BxS, segment_ids_BxL, cache.index, axis=1)
         new_k, new_v = [], []
+        call = Block.__call__
+        if cache is None and c.remat != "none":
+            call = nnx.remat(call, policy=REMAT_POLICIES[c.remat], prevent_cse=True)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i], kv_segment, cache.index)
-            x, kv = block(x, positions_BxL, segment_ids_BxL, slots, layer_cache)
+            x, kv = call(block, x, positions_BxL, segment_ids_BxL, slots, layer_cache)
+            x = constrain(x, "batch", "length", "activation_embed")
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         x = self.final_norm(x)
         unembed = self.embed_VxD[...].T if c.tie_embeddings else self.unembed_DxV[...]
         logits = jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype), preferred_element_type=jnp.float32)
-        logits = _softcap(logits, c.final_softcap)
+        logits = constrain(_softcap(logits, c.final_softcap), "batch", "length", "vocab")
         if cache is None:
             return logits, None
         new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), kv_segment, cache.index + tokens_BxL.shape[1])

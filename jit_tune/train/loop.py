@@ -84,7 +84,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     data_stats = _DataStats(list(mixture_rates(config)), dropped)
     last_step = min(t.steps, stop_at_step or t.steps)
     try:
-        with jax.set_mesh(mesh), PreemptionWatch() as preemption:
+        with mesh_lib.use_mesh(config, mesh), PreemptionWatch() as preemption:
             while step < last_step:
                 if preemption.should_stop():
                     if in_flight is not None:

@@ -33,12 +33,11 @@ def create_model_and_optimizer(config: ConfigDict, mesh: Mesh, abstract: bool = 
         model = Decoder(model_config, rngs=nnx.Rngs(config.seed))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    rules = mesh_lib.logical_rules(config)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    with mesh_lib.use_mesh(config, mesh):
         if not abstract and not config.model.init_from:
             return nnx.jit(create)()
         if not abstract:  # weights from a HF checkpoint, read shard by shard
-            model = load_hf_decoder(config.model.init_from, mesh, rules, model_config)
+            model = load_hf_decoder(config.model.init_from, mesh, mesh_lib.logical_rules(config), model_config)
             return model, nnx.jit(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param))(model)
         graphdef, state = nnx.split(nnx.eval_shape(create))
     return nnx.merge(graphdef, jax.tree.map(lambda x: on_mesh(x, mesh), state))

@@ -1,0 +1,146 @@
+"""Ahead-of-time compilation of the real train step for a TPU topology, on any machine.
+
+`jit-tune compile --config X --topology v5p:4x4x8` builds the mesh from the topology's
+devices as described by libtpu (`pip install 'jit_tune[tpu]'`; no TPU needed), creates
+the model and optimizer state abstractly with the run's shardings, lowers and compiles
+the same `train_step` training runs, and reports per-chip memory against the chip's HBM
+and the FLOPs of one step. What does not fit fails here, in a minute on a laptop, and
+not an hour into a pod reservation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from jit_tune import mesh as mesh_lib
+from jit_tune.config import ConfigError
+from jit_tune.data.pipeline import FEATURES
+from jit_tune.topology import Topology
+from jit_tune.train.state import create_model_and_optimizer
+from jit_tune.train.step import train_step
+
+BATCH_FEATURES = FEATURES + ("segment_ids", "positions")
+
+
+def topology_devices(topology: Topology) -> list:
+    try:
+        from jax.experimental import topologies
+
+        description = topologies.get_topology_desc(
+            platform="tpu", topology_name=f"{topology.generation.jax_platform_name}:{topology.grid_name}",
+            chip_config_name="megacore" if topology.generation.cores_per_chip == 2 else "default",
+            chips_per_host_bounds=_host_bounds(topology), num_slices=topology.slices)
+    except (ImportError, RuntimeError, ValueError) as e:
+        if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and "not" in str(e).lower():
+            raise ConfigError(f"compiling for {topology} needs libtpu: pip install 'jit_tune[tpu]' ({e})") from None
+        raise ConfigError(f"topology {topology}: {e}") from None
+    return list(description.devices)
+
+
+def _host_bounds(topology: Topology) -> tuple[int, int, int]:
+    """The chip grid of one host (three numbers, also for 2-D slices): 2x2x1 for four
+    chips, 2x4x1 for eight, or the whole slice when it is smaller."""
+    per_host = topology.chips_per_host
+    if per_host >= 4:
+        return 2, per_host // 2, 1
+    grid = (*topology.grid, 1)[:3]
+    return tuple(min(d, 2) for d in grid)
+
+
+class DoesNotFit(Exception):
+    """The TPU compiler could not fit the step in the chip's HBM."""
+
+
+@dataclasses.dataclass
+class Report:
+    topology: Topology
+    mesh: dict[str, int]
+    parameters: int
+    tokens_per_step: int
+    param_bytes: int  # per chip
+    optimizer_bytes: int
+    temp_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    flops_per_chip: float
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    def table(self) -> str:
+        gib = 2.0**30
+        hbm = self.topology.generation.hbm_bytes
+        chips = self.topology.chips * self.topology.slices
+        rows = [
+            ("parameters", self.param_bytes),
+            ("optimizer state", self.optimizer_bytes),
+            ("temporaries (activations, gradients, workspace)", self.temp_bytes),
+            ("total: arguments + outputs not aliased + temporaries", self.peak_bytes),
+        ]
+        lines = [f"topology {self.topology}: {chips} chips, {self.topology.hosts * self.topology.slices} hosts; "
+                 f"mesh {' x '.join(f'{k}={v}' for k, v in self.mesh.items())}",
+                 f"model {_count(self.parameters)} parameters; {self.tokens_per_step:,} tokens per step",
+                 f"{'per chip':<56}{'GiB':>9}"]
+        lines += [f"  {name:<54}{value / gib:>9.2f}" for name, value in rows]
+        fit = "fits" if self.peak_bytes <= hbm else "DOES NOT FIT"
+        lines.append(f"  {'HBM of a ' + self.topology.generation.name + ' chip':<54}{hbm / gib:>9.2f}"
+                     f"   ({100 * self.peak_bytes / hbm:.0f}% used: {fit})")
+        total = self.flops_per_chip * chips
+        lines.append(f"FLOPs per step: {total:.3e} ({self.flops_per_chip:.3e} per chip; "
+                     f"6 x parameters x tokens = {6 * self.parameters * self.tokens_per_step:.3e})")
+        return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _per_device_bytes(tree) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def compile_train_step(config: ConfigDict, topology: Topology) -> Report:
+    devices = topology_devices(topology)
+    mesh = mesh_lib.make_mesh(config, devices)
+    d = config.data
+    mesh_lib.check_batch_divides(d.batch_size, mesh, config.train.microbatches)
+    model, optimizer = create_model_and_optimizer(config, mesh, abstract=True)
+    sharding = mesh_lib.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((d.batch_size, d.seq_len), jnp.int32, sharding=sharding) for k in BATCH_FEATURES}
+    with mesh_lib.use_mesh(config, mesh):
+        lowered = train_step.lower(model, optimizer, batch, config.train.microbatches)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise DoesNotFit(f"the train step does not fit a {topology.generation.name} chip: {e}") from None
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    params = nnx.state(model, nnx.Param)
+    return Report(
+        topology=topology,
+        mesh=dict(mesh.shape),
+        parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        tokens_per_step=d.batch_size * d.seq_len,
+        param_bytes=_per_device_bytes(params),
+        optimizer_bytes=_per_device_bytes(nnx.state(optimizer)),
+        temp_bytes=memory.temp_size_in_bytes,
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        flops_per_chip=float(cost.get("flops", 0.0)),
+    )

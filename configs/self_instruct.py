@@ -45,8 +45,6 @@ def get_config(variant: str | None = None):
     if variant == "smoke":
         d.tokenizer_corpus_examples = 50
         smoke(config, steps=3)
-        config.eval.examples_per_task = 2
-        config.eval.max_new_tokens = 4
     elif variant is not None:
         raise ValueError(f"configs/self_instruct.py: unknown variant {variant!r}; expected 'smoke' or none")
     return config

@@ -169,6 +169,8 @@ def smoke(config: ml_collections.ConfigDict, steps: int) -> ml_collections.Confi
     config.train.log_every = 2
     config.train.checkpoint_every = steps // 2
     config.optimizer.warmup_steps = steps // 3
+    config.eval.examples_per_task = 2
+    config.eval.max_new_tokens = 4
     return config
 
 

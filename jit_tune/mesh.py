@@ -13,7 +13,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
@@ -93,3 +93,11 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     """Assemble each process's rows into arrays sharded over the whole mesh."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host) array on this host: evaluation results are
+    sharded over the batch, so in a multi-process run each host holds only its rows."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jit_tune.mesh import to_host
 from jit_tune.models.decoder import Decoder, KVCache
 
 _LENGTH_BUCKET = 16  # prompt lengths round up to this, so few shapes get compiled
@@ -97,7 +98,7 @@ def generate(
         chunk = prompts[start: start + batch]
         padded = left_pad(chunk, batch, pad_id)
         key, chunk_key = jax.random.split(key)
-        out = np.asarray(_decode(
+        out = to_host(_decode(
             model, padded["tokens"], padded["positions"], padded["segment_ids"], eos_id, chunk_key,
             max_new_tokens, temperature, top_k, top_p,
         ))

@@ -15,6 +15,7 @@ from jit_tune.data import tasks as tasks_lib
 from jit_tune.data.pipeline import encode, mixture_rates, truncate, validation_examples
 from jit_tune.data.render import prompt_ids
 from jit_tune.eval.decode import generate_greedy
+from jit_tune.mesh import to_host
 from jit_tune.models.decoder import Decoder
 from jit_tune.train.step import eval_losses
 
@@ -53,8 +54,8 @@ def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigD
         features = [truncate(encode(ex, tokenizer, config.data.train_on), seq_len, config.data.truncation)
                     for _, _, ex in chunk]
         row_loss, row_count = eval_losses(model, _unpacked_rows(features, seq_len, batch))
-        loss_sums.extend(np.asarray(row_loss)[: len(chunk)])
-        counts.extend(np.asarray(row_count)[: len(chunk)])
+        loss_sums.extend(to_host(row_loss)[: len(chunk)])
+        counts.extend(to_host(row_count)[: len(chunk)])
 
     # Long prompts keep their end (the instruction usually closes them), like the
     # left-cut truncation of training rows.

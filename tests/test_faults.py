@@ -38,12 +38,21 @@ def _logged_steps(workdir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
 
 
-def test_sigterm_saves_at_the_next_step_and_exits_75(tmp_path):
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def test_sigusr1_saves_on_demand_and_sigterm_saves_and_exits_75(tmp_path):
     from jit_tune.train.checkpoint import Checkpointer
 
     workdir = tmp_path / "run"
-    process = _start_training(workdir, "--config.train.checkpoint_every=1000")
+    process = _start_training(workdir, "--config.train.checkpoint_every=1000", "--config.train.keep_checkpoints=5")
     _wait_for(lambda: len(_logged_steps(workdir)) >= 2, process)
+    process.send_signal(signal.SIGUSR1)  # a checkpoint now, and training goes on
+    _wait_for(lambda: len(_checkpoint_steps(workdir)) == 1, process)
+    on_demand = _checkpoint_steps(workdir)[0]
+    _wait_for(lambda: max(_logged_steps(workdir)) >= on_demand + 2, process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=300)
     assert process.returncode == EXIT_PREEMPTED == 75, err[-3000:]
@@ -51,7 +60,8 @@ def test_sigterm_saves_at_the_next_step_and_exits_75(tmp_path):
     checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
     try:
         # the checkpoint is the last step that ran, not the last interval save (there was none)
-        assert checkpointer.latest_step() == max(_logged_steps(workdir)) >= 2
+        assert checkpointer.latest_step() == max(_logged_steps(workdir)) >= on_demand + 2
+        assert on_demand in checkpointer.manager.all_steps()
     finally:
         checkpointer.close()
 

@@ -86,13 +86,17 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     try:
         with mesh_lib.use_mesh(config, mesh), PreemptionWatch() as preemption:
             while step < last_step:
-                if preemption.should_stop():
+                save_now, stop_now = preemption.poll()
+                if save_now:
                     if in_flight is not None:
                         _finish(*in_flight, writer, progress, schedule, throughput, guard, data_stats)
+                        in_flight = None
                     if checkpointer.latest_step() != step:
                         checkpointer.save(step, model, optimizer, data_iterator)
-                    checkpointer.wait()
-                    raise Preempted(step)
+                    if stop_now:
+                        checkpointer.wait()
+                        raise Preempted(step)
+                    tqdm.write(f"step {step}: saved a checkpoint on demand (SIGUSR1)")
                 local = next(data_iterator)
                 # Counted now, added to the logged windows when the step finishes.
                 counts = data_stats.count(local)

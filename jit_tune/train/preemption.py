@@ -1,6 +1,7 @@
 """Preemption: SIGTERM, which TPU maintenance events, GKE and SLURM send before they kill
 a job, asks for a checkpoint at the next step boundary and a clean exit with
-EXIT_PREEMPTED, so the launcher can requeue and the rerun resumes there.
+EXIT_PREEMPTED, so the launcher can requeue and the rerun resumes there. SIGUSR1 asks
+for a checkpoint at the next step boundary and training goes on.
 
 Hosts get the signal at slightly different moments; they agree on the step to stop at
 by an all-gather of the flag at every step boundary (multi-process runs only), so every
@@ -30,26 +31,34 @@ class Preempted(Exception):
 
 
 class PreemptionWatch:
-    """Installs a SIGTERM handler for the duration of a run (a context manager)."""
+    """Signal handlers for the duration of a run (a context manager): SIGTERM asks to save
+    and stop, SIGUSR1 to save and go on (a checkpoint on demand)."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.stop_requested = self.save_requested = False
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGTERM:
+            self.stop_requested = True
+        else:
+            self.save_requested = True
 
-    def should_stop(self) -> bool:
-        """True on every process once any process has received SIGTERM."""
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+    def poll(self) -> tuple[bool, bool]:
+        """(save now, then stop), agreed by every process: a request on any process
+        counts for all, so they save the same step."""
+        flags = np.asarray([self.save_requested or self.stop_requested, self.stop_requested], np.int32)
+        self.save_requested = False
+        if jax.process_count() > 1:
+            flags = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, 2).max(axis=0)
+        return bool(flags[0]), bool(flags[1])

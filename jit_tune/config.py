@@ -70,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Activation memory: "none" keeps every activation for the backward pass; "full"
     # recomputes each block from its input; "dots" keeps only matmul outputs.
     c.model.remat = "none"
+    # Scan one stacked block over the layers (compile time independent of depth); needs
+    # identical layers, and HF import/export read and write unstacked layers only.
+    c.model.scan_layers = False
 
     c.data = ml_collections.ConfigDict()
     # "builtin" (a BPE trained on the built-in tasks), "bpe" (a BPE trained on the
@@ -145,6 +148,7 @@ def default_config() -> ml_collections.ConfigDict:
         ("kv_heads", "tensor"),
         ("head_dim", None),
         ("norm", None),
+        ("layers", None),  # the stacked axis of model.scan_layers
     )
 
     c.eval = ml_collections.ConfigDict()
@@ -308,6 +312,10 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
           f"a multiple of model.n_kv_heads ({m.n_kv_heads}) for grouped-query attention")
     check("model.head_dim", m.head_dim % 2 == 0, "an even number (RoPE rotates pairs)")
     check("model.dtype", m.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
+    check("model.scan_layers", not m.scan_layers or len(set(m.layer_types)) <= 1,
+          "false when model.layer_types mixes full and sliding layers (scanned layers are identical)")
+    check("model.scan_layers", not (m.scan_layers and m.init_from),
+          "false with model.init_from (Hugging Face weights load into unstacked layers)")
     check("model.remat", m.remat in ("none", "full", "dots"), "'none', 'full' or 'dots'")
     check("model.param_dtype", m.param_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.rope_theta", m.rope_theta > 0, "a positive number")

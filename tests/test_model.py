@@ -1,5 +1,7 @@
 """Model behaviour users rely on: packing is invisible, and cached decoding matches."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +75,48 @@ def test_bfloat16_compute_keeps_float32_params_and_close_logits():
     half = _alone(bf16, tokens)
     assert half.dtype == np.float32
     np.testing.assert_allclose(half, full, atol=0.15)
+
+
+def _scanned_copy(model):
+    """The same weights as one stacked, scanned block."""
+    config = dataclasses.replace(model.config, scan_layers=True)
+    scanned = _model(config)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    blocks = params.pop("blocks")
+    params["blocks"] = jax.tree.map(lambda *layers: jnp.stack(layers), *[blocks[i] for i in sorted(blocks)])
+    state = nnx.state(scanned, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(scanned, state)
+    return scanned
+
+
+def test_scanned_layers_compute_what_unrolled_layers_do(tmp_path):
+    from jit_tune.models.hf import save_params
+    from jit_tune.train.step import token_losses
+
+    model = _model()
+    scanned = _scanned_copy(model)
+    assert nnx.state(scanned, nnx.Param)["blocks"]["attn"]["q_DxNxH"][...].shape == (2, 64, 4, 16)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(1, 97, size=(2, 12)))
+    positions, segments = jnp.broadcast_to(jnp.arange(12), (2, 12)), jnp.ones((2, 12), jnp.int32)
+    np.testing.assert_allclose(scanned(tokens, positions, segments)[0], model(tokens, positions, segments)[0],
+                               rtol=1e-5, atol=1e-5)
+    batch = {"inputs": tokens, "targets": tokens, "positions": positions, "segment_ids": segments}
+
+    def grads(m):
+        return nnx.grad(lambda m: token_losses(m, batch).sum())(m)
+
+    unrolled_grads = grads(model)["blocks"]
+    scanned_grads = grads(scanned)["blocks"]
+    np.testing.assert_allclose(scanned_grads["mlp"]["up_DxF"][...][1], unrolled_grads[1]["mlp"]["up_DxF"][...],
+                               rtol=1e-4, atol=1e-6)
+    prompts = [[5, 17, 3], [9, 2, 44, 61, 7]]
+    assert generate_greedy(scanned, prompts, 6, -1, 0, 2) == generate_greedy(model, prompts, 6, -1, 0, 2)
+    # Export writes HF's one tensor per layer from the stack, the same as from unrolled layers.
+    for name, m in (("scanned", scanned), ("unrolled", model)):
+        (tmp_path / name).mkdir()
+        save_params(nnx.to_pure_dict(nnx.state(m, nnx.Param)), m.config, tmp_path / name)
+    from safetensors.numpy import load_file
+    ours, theirs = load_file(str(tmp_path / "scanned/model-00001-of-00001.safetensors")), load_file(
+        str(tmp_path / "unrolled/model-00001-of-00001.safetensors"))
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jit_tune import mesh as mesh_lib
-from jit_tune.config import ConfigError
+from jit_tune.config import ConfigError, load_config
 from jit_tune.data.pipeline import train_dataset
 from jit_tune.train.loop import setup, train
 from jit_tune.train.state import create_model_and_optimizer
@@ -39,6 +39,27 @@ def test_loss_on_8_devices_equals_1_device(tokenizer, smoke_config, shape):
     sharded = _losses(smoke_config, tokenizer, jax.devices())
     np.testing.assert_allclose(sharded, single, rtol=1e-5)
     assert single[-1] < single[0]
+
+
+def test_scanned_layers_train_alike_on_1_and_8_devices_with_remat(tokenizer, smoke_config):
+    smoke_config.model.update(scan_layers=True, remat="full")
+    single = _losses(smoke_config, tokenizer, jax.devices()[:1])
+    smoke_config.mesh.shape.update({"data": 2, "fsdp": 2, "tensor": 2})
+    np.testing.assert_allclose(_losses(smoke_config, tokenizer, jax.devices()), single, rtol=1e-5)
+    assert single[-1] < single[0]
+
+
+def test_scan_layers_needs_identical_layers_and_no_hf_import(tmp_path):
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 600,
+          "hidden_act": "silu", "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match="model.scan_layers = True: expected false with model.init_from"):
+        load_config("configs/tiny.py", ["--config.model.scan_layers=True", f"--config.model.init_from={tmp_path}"])
+    with pytest.raises(ConfigError, match="model.scan_layers = True: expected false when model.layer_types mixes"):
+        load_config("configs/tiny.py", ["--config.model.scan_layers=True", "--config.model.n_layers=2",
+                                        "--config.model.layer_types=('full','sliding')",
+                                        "--config.model.sliding_window=8"])
 
 
 @pytest.mark.parametrize("devices", [1, 8])

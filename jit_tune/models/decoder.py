@@ -63,6 +63,9 @@ class DecoderConfig:
     # Training recomputes each block's activations in the backward pass instead of keeping
     # them: "none", "full" (keep only the block inputs) or "dots" (keep matmul outputs).
     remat: str = "none"
+    # One scanned, stacked block instead of n_layers unrolled ones: compile time and
+    # program size stop growing with depth. Needs identical layers (no mixed layer_types).
+    scan_layers: bool = False
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
@@ -272,7 +275,10 @@ class Decoder(nnx.Module):
             jax.random.normal(rngs.params(), (c.vocab_size, c.d_model), jnp.dtype(c.param_dtype)),
             out_sharding=("vocab", "embed"),
         )
-        self.blocks = nnx.List([Block(c, layer, rngs) for layer in range(c.n_layers)])
+        if c.scan_layers:
+            self.blocks = _stacked_blocks(c, rngs)
+        else:
+            self.blocks = nnx.List([Block(c, layer, rngs) for layer in range(c.n_layers)])
         self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset, c.param_dtype)
         if not c.tie_embeddings:
             self.unembed_DxV = _param(c, rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model)
@@ -299,18 +305,53 @@ class Decoder(nnx.Module):
         call = Block.__call__
         if cache is None and c.remat != "none":
             call = nnx.remat(call, policy=REMAT_POLICIES[c.remat], prevent_cse=True)
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i], kv_segment, cache.index)
+
+        def layer(block, x, k, v):
+            layer_cache = None if cache is None else (k, v, kv_segment, cache.index)
             x, kv = call(block, x, positions_BxL, segment_ids_BxL, slots, layer_cache)
-            x = constrain(x, "batch", "length", "activation_embed")
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+            return constrain(x, "batch", "length", "activation_embed"), kv
+
+        if c.scan_layers:
+            x, new_k, new_v = _scan_layers(layer, self.blocks, x, cache)
+        else:
+            for i, block in enumerate(self.blocks):
+                x, kv = layer(block, x, *((None, None) if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i])))
+                if kv is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
         x = self.final_norm(x)
         unembed = self.embed_VxD[...].T if c.tie_embeddings else self.unembed_DxV[...]
         logits = jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype), preferred_element_type=jnp.float32)
         logits = constrain(_softcap(logits, c.final_softcap), "batch", "length", "vocab")
         if cache is None:
             return logits, None
-        new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), kv_segment, cache.index + tokens_BxL.shape[1])
+        if not c.scan_layers:
+            new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
+        new_cache = KVCache(new_k, new_v, kv_segment, cache.index + tokens_BxL.shape[1])
         return logits, new_cache
+
+
+def _stacked_blocks(config: DecoderConfig, rngs: nnx.Rngs) -> Block:
+    """n_layers blocks as one Block whose parameters have a leading "layers" axis."""
+    @nnx.split_rngs(splits=config.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.n_layers, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return Block(config, 0, rngs)
+
+    return create(rngs)
+
+
+def _scan_layers(layer, blocks: Block, x: jax.Array, cache: KVCache | None):
+    """Run `layer` over the stacked blocks (and each layer's cache slice, when decoding),
+    as a plain lax.scan over the blocks' state: it also runs inside decoding's while loop."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(x, xs):
+        layer_state, k, v = xs
+        x, kv = layer(nnx.merge(graphdef, layer_state), x, k, v)
+        return x, kv
+
+    if cache is None:
+        return jax.lax.scan(lambda x, s: (body(x, (s, None, None))[0], None), x, state)[0], None, None
+    x, (new_k, new_v) = jax.lax.scan(body, x, (state, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH))
+    return x, new_k, new_v

@@ -351,6 +351,9 @@ def load_params(directory: Path, config: DecoderConfig, abstract_params: dict) -
 def save_params(params: dict, config: DecoderConfig, directory: Path, max_shard_bytes: int = 2 << 30) -> None:
     """Safetensors shards plus model.safetensors.index.json, in the HF layout."""
     names = weight_names(config)
+    if config.scan_layers:  # stacked layers become HF's one tensor per layer
+        blocks = params["blocks"]
+        params = {**params, "blocks": {i: jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(config.n_layers)}}
     tensors = {}
     for path, value in _flatten(params).items():
         name, layout = names[path]

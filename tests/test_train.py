@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, load_config
@@ -199,3 +200,15 @@ def test_remat_policies_keep_the_losses(tokenizer, smoke_config):
         losses[policy] = _losses(smoke_config, tokenizer, jax.devices()[:1], steps=2)
     np.testing.assert_allclose(losses["full"], losses["none"], rtol=1e-6)
     np.testing.assert_allclose(losses["dots"], losses["none"], rtol=1e-6)
+
+
+def test_train_step_donates_the_params_and_optimizer_state(tokenizer, smoke_config):
+    mesh = mesh_lib.make_mesh(smoke_config, jax.devices()[:1])
+    model, optimizer = create_model_and_optimizer(smoke_config, mesh)
+    old_param = model.embed_VxD[...]
+    old_moment = jax.tree.leaves(nnx.state(optimizer.opt_state))[-1]
+    batch = mesh_lib.global_batch(next(iter(train_dataset(smoke_config, tokenizer))), mesh)
+    with mesh_lib.use_mesh(smoke_config, mesh):
+        jax.block_until_ready(train_step(model, optimizer, batch))
+    assert old_param.is_deleted() and old_moment.is_deleted()  # updated in place, not copied
+    assert not model.embed_VxD[...].is_deleted()

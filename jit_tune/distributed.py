@@ -23,16 +23,27 @@ class DistributedError(ValueError):
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JIT_TUNE_COORDINATOR", "JIT_TUNE_NUM_PROCESSES", "JIT_TUNE_PROCESS_ID"
 
 
-def cluster(environ: Mapping[str, str]) -> str | None:
-    """The cluster manager whose environment this process runs in, when it has peers."""
+def tpu_chips() -> int:
+    """TPU chips attached to this host (PCI devices, read without starting a backend)."""
+    try:
+        from jax._src import hardware_utils  # what JAX itself checks before TPU init
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0]
+    except (ImportError, AttributeError, OSError):
+        return 0
+
+
+def cluster(environ: Mapping[str, str], chips: int | None = None) -> str | None:
+    """The cluster manager whose environment this process runs in, when it has peers.
+    On a TPU VM (chips attached) JAX asks the metadata server for the other workers."""
     if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in environ:
         return "slurm"
     if int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return "openmpi"
     if "," in environ.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in environ:
         return "tpu"  # GKE TPU pods and multi-slice jobs set these
-    if environ.get("TPU_ACCELERATOR_TYPE") or environ.get("CLOUD_TPU_TASK_ID") is not None:
-        return "tpu"  # a TPU VM: JAX asks the metadata server for the other workers
+    if (tpu_chips() if chips is None else chips) > 0:
+        return "tpu"
     return None
 
 

@@ -114,12 +114,16 @@ def test_local_launcher_trains_as_two_processes(tmp_path):
     ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}, None),
     ({"OMPI_COMM_WORLD_SIZE": "8"}, "openmpi"),
     ({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3", "TPU_WORKER_ID": "2"}, "tpu"),
-    ({"TPU_ACCELERATOR_TYPE": "v5p-256"}, "tpu"),
     ({"MEGASCALE_COORDINATOR_ADDRESS": "h0"}, "tpu"),
     ({"HOME": "/root"}, None),
 ])
 def test_cluster_detection(environ, expected):
-    assert cluster(environ) == expected
+    assert cluster(environ, chips=0) == expected
+
+
+def test_a_tpu_vm_is_recognized_by_its_chips():
+    assert cluster({}, chips=4) == "tpu"
+    assert cluster({}) is None  # this machine has no TPU chips
 
 
 def test_explicit_coordinates_from_flags_or_environment():

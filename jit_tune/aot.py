@@ -11,6 +11,7 @@ not an hour into a pod reservation.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 
 import jax
@@ -29,17 +30,18 @@ BATCH_FEATURES = FEATURES + ("segment_ids", "positions")
 
 
 def topology_devices(topology: Topology) -> list:
-    try:
-        from jax.experimental import topologies
+    """The slice's devices as libtpu describes them, without any TPU attached."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"compiling for {topology} needs libtpu: pip install 'jit_tune[tpu]'")
+    from jax.experimental import topologies
 
+    try:
         description = topologies.get_topology_desc(
-            platform="tpu", topology_name=f"{topology.generation.jax_platform_name}:{topology.grid_name}",
+            platform="tpu", topology_name=f"{topology.generation.name}:{topology.grid_name}",
             chip_config_name="megacore" if topology.generation.cores_per_chip == 2 else "default",
             chips_per_host_bounds=_host_bounds(topology), num_slices=topology.slices)
-    except (ImportError, RuntimeError, ValueError) as e:
-        if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and "not" in str(e).lower():
-            raise ConfigError(f"compiling for {topology} needs libtpu: pip install 'jit_tune[tpu]' ({e})") from None
-        raise ConfigError(f"topology {topology}: {e}") from None
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"topology {topology}: libtpu cannot describe it: {e}") from None
     return list(description.devices)
 
 

@@ -16,14 +16,13 @@ class Generation:
     cores_per_chip: int  # accelerator types count cores: v5p-256 is 128 chips
     hbm_bytes: int  # per chip
     gke_accelerator: str  # GKE node label cloud.google.com/gke-tpu-accelerator
-    jax_platform_name: str  # jax.experimental.topologies name prefix (TPU v5p -> "v5p")
 
 
 GENERATIONS = {g.name: g for g in (
-    Generation("v4", 4, 4, 2, 32 * 2**30, "tpu-v4-podslice", "v4"),
-    Generation("v5e", 4, 8, 1, 16 * 2**30, "tpu-v5-lite-podslice", "v5e"),
-    Generation("v5p", 4, 4, 2, 95 * 2**30, "tpu-v5p-slice", "v5p"),
-    Generation("v6e", 4, 8, 1, 32 * 2**30, "tpu-v6e-slice", "v6e"),
+    Generation("v4", 4, 4, 2, 32 * 2**30, "tpu-v4-podslice"),
+    Generation("v5e", 4, 8, 1, 16 * 2**30, "tpu-v5-lite-podslice"),
+    Generation("v5p", 4, 4, 2, 95 * 2**30, "tpu-v5p-slice"),
+    Generation("v6e", 4, 8, 1, 32 * 2**30, "tpu-v6e-slice"),
 )}
 
 

@@ -94,3 +94,13 @@ def test_topology_hosts_and_accelerator_types():
     assert (parse("v5p:4x4x8").chips, parse("v5p:4x4x8").hosts, parse("v5p:4x4x8").accelerator_type) == (128, 32, "v5p-256")
     assert (parse("v5e:2x4").hosts, parse("v5e:4x4").hosts, parse("v6e:16x16").accelerator_type) == (1, 4, "v6e-256")
     assert len(jax.devices()) == 8  # compiling for TPU left the CPU devices alone
+
+
+def test_compile_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
+    from importlib.util import find_spec
+
+    from jit_tune.cli import main
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+    assert main(["compile", "--config", "configs/tiny.py", "--topology", "v5p:2x2x1"]) == 2
+    assert "needs libtpu: pip install 'jit_tune[tpu]'" in capsys.readouterr().err

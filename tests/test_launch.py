@@ -142,3 +142,31 @@ def test_cli_reports_incomplete_coordinates(capsys):
 
     assert main(["train", "--config", "configs/tiny.py", "--workdir", "/tmp/x", "--coordinator", "h:1"]) == 2
     assert "also give the number of processes" in capsys.readouterr().err
+
+
+def test_sigterm_to_a_two_process_run_saves_one_step_everywhere_and_exits_75(tmp_path):
+    import json
+    import signal
+    import time
+
+    from jit_tune.train.preemption import AGREE_EVERY, EXIT_PREEMPTED
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    workdir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "launch/local.py", "--processes", "2", "--devices-per-process", "2", "--config",
+         "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=100000",
+         "--config.train.log_every=1", "--config.train.checkpoint_every=1000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # passed on to both processes
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == EXIT_PREEMPTED, err[-3000:]
+    steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and int(steps[0].name) % AGREE_EVERY == 0  # the step both agreed on
+    assert {p.name for p in (steps[0] / "data").iterdir()} >= {"stream_0.json", "stream_1.json"}
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert max(logged) == int(steps[0].name)

@@ -86,7 +86,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     try:
         with mesh_lib.use_mesh(config, mesh), PreemptionWatch() as preemption:
             while step < last_step:
-                save_now, stop_now = preemption.poll()
+                save_now, stop_now = preemption.poll(step)
                 if save_now:
                     if in_flight is not None:
                         _finish(*in_flight, writer, progress, schedule, throughput, guard, data_stats)

@@ -4,8 +4,8 @@ EXIT_PREEMPTED, so the launcher can requeue and the rerun resumes there. SIGUSR1
 for a checkpoint at the next step boundary and training goes on.
 
 Hosts get the signal at slightly different moments; they agree on the step to stop at
-by an all-gather of the flag at every step boundary (multi-process runs only), so every
-process saves the same step.
+by an all-gather of the flags every AGREE_EVERY steps (multi-process runs only), so
+every process saves the same step.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again". Distinct from a crash
 # (1), a user error (2) and a diverged run (3), so requeue policies can match it.
 EXIT_PREEMPTED = 75
+AGREE_EVERY = 10  # steps between the processes' agreement on a signal
 
 
 class Preempted(Exception):
@@ -54,11 +55,17 @@ class PreemptionWatch:
         else:
             self.save_requested = True
 
-    def poll(self) -> tuple[bool, bool]:
+    def poll(self, step: int) -> tuple[bool, bool]:
         """(save now, then stop), agreed by every process: a request on any process
-        counts for all, so they save the same step."""
-        flags = np.asarray([self.save_requested or self.stop_requested, self.stop_requested], np.int32)
+        counts for all, so they save the same step. Across processes the agreement is a
+        collective that waits for the devices, so it runs every AGREE_EVERY steps only
+        (well inside the tens of seconds schedulers give between SIGTERM and kill)."""
+        if jax.process_count() == 1:
+            flags = (self.save_requested or self.stop_requested, self.stop_requested)
+        elif step % AGREE_EVERY == 0:
+            local = np.asarray([self.save_requested or self.stop_requested, self.stop_requested], np.int32)
+            flags = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).max(axis=0)
+        else:
+            return False, False
         self.save_requested = False
-        if jax.process_count() > 1:
-            flags = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, 2).max(axis=0)
         return bool(flags[0]), bool(flags[1])

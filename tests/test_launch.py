@@ -97,15 +97,21 @@ def test_a_config_error_stops_the_launcher_before_anything_runs(capsys):
     assert "did you mean config.optimizer.lr?" in capsys.readouterr().err
 
 
-def test_local_launcher_trains_as_two_processes(tmp_path):
+def _launch_locally(workdir, *overrides: str) -> subprocess.Popen:
+    """launch/local.py running configs/tiny.py:smoke as 2 processes of 2 CPU devices."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    workdir = tmp_path / "run"
-    result = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "launch/local.py", "--processes", "2", "--devices-per-process", "2", "--config",
-         "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.eval.examples_per_task=1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Per-task validation at step 6" in result.stdout
+         "configs/tiny.py:smoke", "--workdir", str(workdir), *overrides],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_local_launcher_trains_as_two_processes(tmp_path):
+    workdir = tmp_path / "run"
+    launcher = _launch_locally(workdir, "--config.eval.examples_per_task=1")
+    stdout, stderr = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert "Per-task validation at step 6" in stdout
     assert (workdir / "checkpoints" / "6" / "data" / "stream_1.json").is_file()  # one stream per process
 
 
@@ -151,13 +157,9 @@ def test_sigterm_to_a_two_process_run_saves_one_step_everywhere_and_exits_75(tmp
 
     from jit_tune.train.preemption import AGREE_EVERY, EXIT_PREEMPTED
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     workdir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        [sys.executable, "launch/local.py", "--processes", "2", "--devices-per-process", "2", "--config",
-         "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=100000",
-         "--config.train.log_every=1", "--config.train.checkpoint_every=1000"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = _launch_locally(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
+                               "--config.train.checkpoint_every=1000")
     metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]

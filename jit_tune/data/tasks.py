@@ -102,7 +102,7 @@ class FileTask:
             exclude = position if split == "train" else -1
             template, shots = self.template_set.choose(key, held_out, self.size("train"), exclude)
             exemplars = [self.record("train", p)[1] for p in shots]
-            return {"task": self.name, "template_id": self.template_set.names().index(template.name),
+            return {"task": self.name, "template_id": self.template_set.ids[template.name],
                     "template": template.name, "_where": record.get("_where", "?"),
                     "messages": self.template_set.render(template, record, exemplars)}
         except SourceError as e:

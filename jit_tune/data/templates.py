@@ -131,9 +131,8 @@ class TemplateSet:
             raise SourceError(f"{where}: set options or options_field, not both")
         if self.options is not None and (not isinstance(self.options, (list, tuple)) or not self.options):
             raise SourceError(f"{where}.options = {self.options!r}: expected a non-empty list of answers")
-
-    def names(self) -> list[str]:
-        return [t.name for t in self.trained + self.held_out + self.inverted]
+        # Template ids for examples: trained, then held-out, then inverted templates.
+        self.ids = {t.name: i for i, t in enumerate(self.trained + self.held_out + self.inverted)}
 
     def choose(self, key: Sequence[int], held_out: bool, exemplar_pool: int,
                exclude: int = -1) -> tuple[Template, list[int]]:

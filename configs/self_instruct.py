@@ -18,6 +18,9 @@ SEED_TASKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "s
 INPUT = "{% if instances[0].input %}\n\n{{ instances[0].input }}{% endif %}"
 
 
+VARIANTS = ("smoke",)  # `self_instruct.py:VARIANT`; load_config rejects others
+
+
 def get_config(variant: str | None = None):
     config = default_config()
     d = config.data
@@ -45,6 +48,4 @@ def get_config(variant: str | None = None):
     if variant == "smoke":
         d.tokenizer_corpus_examples = 50
         smoke(config, steps=3)
-    elif variant is not None:
-        raise ValueError(f"configs/self_instruct.py: unknown variant {variant!r}; expected 'smoke' or none")
     return config

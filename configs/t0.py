@@ -26,6 +26,9 @@ CLUSTERS = {
 }
 
 
+VARIANTS = ("smoke",)  # `t0.py:VARIANT`; load_config rejects others
+
+
 def get_config(variant: str | None = None):
     config = default_config()
     d = config.data
@@ -56,6 +59,4 @@ def get_config(variant: str | None = None):
         d.batch_size = 8
         config.model.vocab_size = 1024
         smoke(config, steps=4)
-    elif variant is not None:
-        raise ValueError(f"configs/t0.py: unknown variant {variant!r}; expected 'smoke' or none")
     return config

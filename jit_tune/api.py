@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, apply_override, config_from_dict, default_config, load_config, validate
+from jit_tune.files import atomic_directory, written_by_main
 from jit_tune.data.render import prompt_ids
 from jit_tune.data.pipeline import run_tokenizer
 from jit_tune.eval import evaluator
@@ -47,24 +48,46 @@ def load_hf(directory: str | Path, mesh=None, dtype: str = "float32", param_dtyp
     return model, AutoTokenizer.from_pretrained(directory)
 
 
-def load_workdir(workdir: str | Path, overrides: Sequence[str] = ()):
-    """(config, tokenizer, model, step, mesh) from a workdir's config.json and latest checkpoint."""
+def saved_config(workdir: str | Path, overrides: Sequence[str] = (), check_files: bool = True):
+    """The config a workdir's run saved (config.json), with `--config.a.b=value`
+    overrides applied; with `check_files`, its data paths must still exist."""
     workdir = Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no such file; is {workdir} a jit-tune workdir?")
-    config = config_from_dict(json.loads(config_path.read_text()), str(config_path))
+    try:
+        values = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{config_path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    config = config_from_dict(values, str(config_path), check_files=False)
     config.unlock()
-    for item in overrides:
-        apply_override(config, item)
+    sources = {apply_override(config, item): f"command line {item}" for item in overrides}
     config.lock()
-    validate(config, str(config_path))
+    validate(config, str(config_path), sources, check_files=check_files)
+    return config
+
+
+def load_workdir(workdir: str | Path, overrides: Sequence[str] = (), step: int | None = None,
+                 need_data: bool = False):
+    """(config, tokenizer, model, step, mesh) from a workdir's saved config and its latest
+    checkpoint (or `step`). Its training data is needed (and checked) only with
+    `need_data`: a run exports and generates wherever its data went."""
+    workdir = Path(workdir)
+    config = saved_config(workdir, overrides, check_files=need_data)
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
-    step = checkpointer.latest_step()
-    if step is None:
+    steps = checkpointer.manager.all_steps()
+    if not steps:
         raise ConfigError(f"{workdir}/checkpoints: no checkpoint to load")
+    if step is not None and step not in steps:
+        raise ConfigError(f"--step {step}: {workdir}/checkpoints has steps {sorted(steps)}")
+    step = max(steps) if step is None else step
     tokenizer = run_tokenizer(config, workdir)
-    mesh = mesh_lib.make_mesh(config)
+    try:
+        mesh = mesh_lib.make_mesh(config)
+    except ConfigError:  # trained on another topology (a pod): shard over the devices here
+        config.mesh.shape.update(data=1, fsdp=-1, tensor=1)
+        config.mesh.dcn_shape.update(data=1, fsdp=1, tensor=1)
+        mesh = mesh_lib.make_mesh(config)
     model, optimizer = create_model_and_optimizer(config, mesh, abstract=True)
     checkpointer.restore(step, model, optimizer)
     checkpointer.close()
@@ -96,27 +119,40 @@ def generate_text(model: Decoder, tokenizer, prompts: Sequence[str], max_new_tok
     return texts
 
 
-def export_workdir(workdir: str | Path, out: str | Path) -> Path:
-    """A Hugging Face dir of the latest checkpoint: config.json, safetensors shards with an
-    index, the tokenizer with the chat template used in training, generation_config.json."""
-    config, tokenizer, model, step, _ = load_workdir(workdir)
+def export_workdir(workdir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32",
+                   overrides: Sequence[str] = ()) -> Path:
+    """A Hugging Face dir of the latest checkpoint (or `step`): config.json, safetensors
+    shards (in `dtype`) with an index, the tokenizer with the chat template used in
+    training, generation_config.json. Written to a temporary directory and renamed into
+    place, so `out` is a whole export or untouched; an existing `out` must be an export."""
     out = Path(out)
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype {dtype}: expected float32 or bfloat16")
+    if out.exists() and any(out.iterdir()) and not (out / "model.safetensors.index.json").is_file():
+        raise ConfigError(f"--out {out}: exists and is not an earlier export; give a new directory")
+    if out.resolve() in (Path(workdir).resolve(), *Path(workdir).resolve().parents):
+        raise ConfigError(f"--out {out}: is the workdir {workdir} or holds it; give a directory inside or beside it")
+    config, tokenizer, model, step, _ = load_workdir(workdir, overrides, step)
+    # Written even when None: an absent id reloads as the family's default (Mistral's bos 1).
     special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                "bos_token_id": tokenizer.bos_token_id}
-    special = {k: v for k, v in special.items() if v is not None}
-    if jax.process_index() == 0:
-        export_hf_decoder(model, out, config.model.family, special)
-        tokenizer.save_pretrained(out)
-        GenerationConfig(**special).save_pretrained(out)
+    with written_by_main("export") as writer:
+        if writer:
+            with atomic_directory(out) as directory:
+                export_hf_decoder(model, directory, config.model.family, special, dtype=dtype)
+                tokenizer.save_pretrained(directory)
+                GenerationConfig(**special).save_pretrained(directory)
     return out
 
 
-def evaluate_workdir(workdir: Path, overrides: Sequence[str] = ()) -> dict:
-    config, tokenizer, model, step, mesh = load_workdir(workdir, overrides)
+def evaluate_workdir(workdir: Path, overrides: Sequence[str] = (), step: int | None = None) -> dict:
+    """Evaluate a checkpoint of a workdir (the latest, or `step`); prints the table and
+    writes workdir/eval/results.json."""
+    config, tokenizer, model, step, mesh = load_workdir(workdir, overrides, step, need_data=True)
     with jax.set_mesh(mesh):
         results = evaluator.evaluate(model, tokenizer, config)
-    evaluator.print_table(results, step)
-    evaluator.save_results(results, step, workdir)
+    with written_by_main("eval results") as writer:
+        if writer:
+            evaluator.print_table(results, step)
+            evaluator.save_results(results, step, workdir)
     return results
-
-

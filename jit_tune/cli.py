@@ -1,52 +1,72 @@
 """`jit-tune <verb>`: parses arguments and dispatches; the work lives in the library.
 
     jit-tune train --config configs/tiny.py --workdir runs/tiny --config.optimizer.lr=3e-4
-    jit-tune eval  --workdir runs/tiny
+    jit-tune train --workdir runs/tiny          (resume with the config the run saved)
+    jit-tune eval  --workdir runs/tiny [--step N]
     jit-tune data inspect --config configs/t0.py
-    jit-tune export --workdir runs/tiny --out runs/tiny/hf
+    jit-tune export --workdir runs/tiny --out runs/tiny/hf [--step N] [--dtype bfloat16]
     jit-tune generate --workdir runs/tiny --prompt "Sort these words: owl cake"     (or --hf DIR)
     jit-tune compile --config configs/llama3_8b.py --topology v5p:4x4x8    (AOT; needs jit_tune[tpu])
 
-User mistakes (a bad config, a missing file) end with a one-paragraph message and exit
-code 2, never a traceback; a run whose loss stops being finite ends with exit code 3; a
-run stopped by SIGTERM saves a checkpoint and ends with exit code 75 (rerun to resume);
-`compile` ends with exit code 4 when the step does not fit the chip's memory.
+User mistakes (a bad config, a missing file, bad data) end with a one-paragraph message
+and exit code 2, never a traceback; a run whose loss or state stops being finite ends
+with exit code 3; SIGTERM ends with exit code 75 (training saves a checkpoint first;
+rerun to resume; see train/preemption.py for every phase); `compile` ends with exit
+code 4 when the step does not fit the chip's memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
 
+OVERRIDES_HELP = ("Any config field can be set after the flags: --config.section.field=value, e.g. "
+                  "--config.optimizer.lr=3e-4 --config.data.mixture.sort=2.0 (a misspelt field is an error naming "
+                  "the closest one).")
+SAVED_OVERRIDES_HELP = ("Fields of the run's saved config can be changed after the flags: "
+                        "--config.section.field=value, e.g. --config.eval.examples_per_task=500.")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jit-tune", description="FLAN-style instruction tuning in JAX.")
+    parser = argparse.ArgumentParser(prog="jit-tune", description="FLAN-style instruction tuning in JAX.",
+                                     epilog=OVERRIDES_HELP)
+    parser.add_argument("--version", action="version", version=f"jit-tune {importlib.metadata.version('jit_tune')}")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    train = verbs.add_parser("train", help="train (or resume) a run; then evaluate it")
-    train.add_argument("--config", required=True, help="config file, optionally path.py:arg")
+
+    def verb(name: str, help: str, epilog: str = OVERRIDES_HELP) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, help=help, description=help, epilog=epilog)
+
+    train = verb("train", "train (or resume) a run; then evaluate it")
+    train.add_argument("--config", help="config file, optionally path.py:variant; without it, a workdir's run "
+                                        "resumes with the config it saved")
     train.add_argument("--workdir", required=True, help="run directory; running again resumes from it")
-    evaluate = verbs.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
+    evaluate = verb("eval", "evaluate a checkpoint of a workdir (the latest by default)", SAVED_OVERRIDES_HELP)
     evaluate.add_argument("--workdir", required=True)
-    for verb in (train, evaluate):  # multi-process runs; see jit_tune/distributed.py
-        verb.add_argument("--coordinator", help="HOST:PORT of process 0, where no cluster manager tells JAX")
-        verb.add_argument("--num-processes", type=int)
-        verb.add_argument("--process-id", type=int)
-    export = verbs.add_parser("export", help="write the latest checkpoint as a Hugging Face model dir")
+    evaluate.add_argument("--step", type=int, help="the checkpoint to evaluate (default: the latest)")
+    for command in (train, evaluate):  # multi-process runs; see jit_tune/distributed.py
+        command.add_argument("--coordinator", help="HOST:PORT of process 0, where no cluster manager tells JAX")
+        command.add_argument("--num-processes", type=int)
+        command.add_argument("--process-id", type=int)
+    export = verb("export", "write a checkpoint of a workdir as a Hugging Face model dir", SAVED_OVERRIDES_HELP)
     export.add_argument("--workdir", required=True)
-    export.add_argument("--out", required=True)
-    aot = verbs.add_parser("compile", help="AOT-compile the train step for a TPU topology; report memory and FLOPs")
+    export.add_argument("--out", required=True, help="a new directory, or an earlier export to replace")
+    export.add_argument("--step", type=int, help="the checkpoint to export (default: the latest)")
+    export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the weights")
+    aot = verb("compile", "AOT-compile the train step for a TPU topology; report memory and FLOPs")
     aot.add_argument("--config", required=True)
     aot.add_argument("--topology", required=True, help="GENERATION:GRID, e.g. v5p:4x4x8 or v6e:16x16")
     aot.add_argument("--slices", type=int, default=1, help="slices over DCN (set config.mesh.dcn_shape to match)")
-    data = verbs.add_parser("data", help="look at the data a config trains on")
+    data = verb("data", "look at the data a config trains on")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
-    inspect = data_verbs.add_parser("inspect", help="rendered examples, mixture, lengths, packing; no model")
+    inspect = data_verbs.add_parser("inspect", help="rendered examples, mixture, lengths, packing; no model",
+                                    epilog=OVERRIDES_HELP)
     inspect.add_argument("--config", required=True)
     inspect.add_argument("--examples", type=int, default=3, help="rendered examples to show")
     inspect.add_argument("--sample", type=int, default=2000, help="examples sampled for the statistics")
-    gen = verbs.add_parser("generate", help="reply to a prompt through the chat template")
+    gen = verb("generate", "reply to a prompt through the chat template", SAVED_OVERRIDES_HELP + " (--workdir only)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a jit-tune workdir (its latest checkpoint)")
     source.add_argument("--hf", help="a Hugging Face model dir")
@@ -68,78 +88,94 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         _parser().error(f"unrecognized arguments: {' '.join(unknown)}")
 
+    # Signals first: a SIGTERM at any moment from here on ends in a defined way.
+    from jit_tune.train.preemption import EXIT_PREEMPTED, SIGNALS, Interrupted, Preempted
+
+    SIGNALS.install()
+    SIGNALS.phase = "startup" if args.verb == "train" else "command"
+    from jit_tune.distributed import choose_platform
+
+    choose_platform()
     # jit_tune uses transformers for tokenizers only; its "PyTorch was not found" advice
     # would mislead. Imported here so that `--help` answers without loading JAX.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from jit_tune.config import ConfigError
-    from jit_tune.data.sources import SourceError
-    from jit_tune.distributed import DistributedError
-    from jit_tune.topology import TopologyError
-    from jit_tune.train.preemption import EXIT_PREEMPTED, Preempted
-
     try:
-        if args.verb in ("train", "eval"):
-            from jit_tune.distributed import initialize
+        from jit_tune.config import ConfigError
+        from jit_tune.data.sources import SourceError
+        from jit_tune.distributed import DistributedError
+        from jit_tune.topology import TopologyError
 
-            initialize(args.coordinator, args.num_processes, args.process_id)
-        if args.verb == "train":
-            from jit_tune.config import load_config
-            from jit_tune.train.loop import train
-
-            train(load_config(args.config, overrides), args.workdir)
-        elif args.verb == "eval":
-            from jit_tune.api import evaluate_workdir
-
-            evaluate_workdir(Path(args.workdir), overrides)
-        elif args.verb == "data":
-            import tempfile
-
-            from jit_tune.config import load_config
-            from jit_tune.data.inspect import inspect_data
-            from jit_tune.data.pipeline import run_tokenizer
-
-            config = load_config(args.config, overrides)
-            with tempfile.TemporaryDirectory() as scratch:  # tokenizers are built as training would
-                tokenizer = run_tokenizer(config, scratch)
-            inspect_data(config, tokenizer, args.examples, args.sample)
-        elif args.verb == "compile":
-            from jit_tune.aot import DoesNotFit, compile_train_step
-            from jit_tune.config import load_config
-            from jit_tune.topology import parse
-
-            topology = parse(args.topology, args.slices)  # a bad name fails before the config loads
-            try:
-                report = compile_train_step(load_config(args.config, overrides), topology)
-            except DoesNotFit as e:
-                print(f"jit-tune compile: DOES NOT FIT: {e}", file=sys.stderr)
-                return 4
-            print(report.table())
-            if report.peak_bytes > topology.generation.hbm_bytes:
-                return 4
-        elif args.verb == "export":
-            from jit_tune.api import export_workdir
-
-            print(f"wrote {export_workdir(args.workdir, args.out)}")
-        elif args.verb == "generate":
-            from jit_tune import api
-
-            if args.workdir:
-                _, tokenizer, model, _, _ = api.load_workdir(args.workdir, overrides)
-            else:
-                model, tokenizer = api.load_hf(args.hf)
-            replies = api.generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                                        args.top_k, args.top_p, args.seed, args.stop)
-            for prompt, reply in zip(args.prompt, replies):
-                print(f"> {prompt}\n{reply}")
-    except (ConfigError, FileNotFoundError, SourceError, DistributedError, TopologyError) as e:
-        print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:  # a diverged run: the last good checkpoint stays
-        print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
-        return 3
-    except Preempted as e:
+        try:
+            return _dispatch(args, overrides)
+        except (ConfigError, FileNotFoundError, SourceError, DistributedError, TopologyError) as e:
+            print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
+            return 2
+        except FloatingPointError as e:  # a diverged run: the last good checkpoint stays
+            print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
+            return 3
+        except Preempted as e:
+            print(f"jit-tune {args.verb}: {e}", file=sys.stderr)
+            return EXIT_PREEMPTED
+    except Interrupted as e:
         print(f"jit-tune {args.verb}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+
+
+def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jit_tune.train.preemption import SIGNALS
+
+    if args.verb in ("train", "eval"):
+        from jit_tune.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)
+        SIGNALS.install()  # again: jax.distributed replaces the SIGTERM handler
+    if args.verb == "train":
+        from jit_tune.api import saved_config
+        from jit_tune.config import load_config
+        from jit_tune.train.loop import train
+
+        config = load_config(args.config, overrides) if args.config else saved_config(args.workdir, overrides)
+        train(config, args.workdir)
+    elif args.verb == "eval":
+        from jit_tune.api import evaluate_workdir
+
+        evaluate_workdir(Path(args.workdir), overrides, args.step)
+    elif args.verb == "data":
+        from jit_tune.config import load_config
+        from jit_tune.data.inspect import inspect_data
+        from jit_tune.data.pipeline import run_tokenizer
+
+        config = load_config(args.config, overrides)
+        inspect_data(config, run_tokenizer(config), args.examples, args.sample)
+    elif args.verb == "compile":
+        from jit_tune.aot import DoesNotFit, compile_train_step
+        from jit_tune.config import load_config
+        from jit_tune.topology import parse
+
+        topology = parse(args.topology, args.slices)  # a bad name fails before the config loads
+        try:
+            report = compile_train_step(load_config(args.config, overrides), topology)
+        except DoesNotFit as e:
+            print(f"jit-tune compile: DOES NOT FIT: {e}", file=sys.stderr)
+            return 4
+        print(report.table())
+        if report.peak_bytes > topology.generation.hbm_bytes:
+            return 4
+    elif args.verb == "export":
+        from jit_tune.api import export_workdir
+
+        print(f"wrote {export_workdir(args.workdir, args.out, args.step, args.dtype, overrides)}")
+    elif args.verb == "generate":
+        from jit_tune import api
+
+        if args.workdir:
+            _, tokenizer, model, _, _ = api.load_workdir(args.workdir, overrides)
+        else:
+            model, tokenizer = api.load_hf(args.hf)
+        replies = api.generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                                    args.top_k, args.top_p, args.seed, args.stop)
+        for prompt, reply in zip(args.prompt, replies):
+            print(f"> {prompt}\n{reply}")
     return 0
 
 

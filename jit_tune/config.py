@@ -63,6 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.sliding_window = 0
     c.model.layer_types = ()
     c.model.rope_local_theta = 0.0
+    # The context length servers size their KV cache by (HF max_position_embeddings); it
+    # does not change the forward pass. Filled from config.json on init_from; 0: data.seq_len.
+    c.model.max_position_embeddings = 0
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
     # Stored parameter dtype, also what a HF checkpoint is converted to on import
     # (float32: master weights, whatever the checkpoint's dtype).
@@ -115,7 +118,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 50
     c.optimizer.end_lr_ratio = 0.1  # cosine decays to lr * end_lr_ratio
-    c.optimizer.weight_decay = 0.1
+    c.optimizer.weight_decay = 0.1  # AdamW's, on weight matrices; never on norm scales or biases
+    c.optimizer.decay_embeddings = True  # also on the embedding and output matrices
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.95
     c.optimizer.grad_clip = 1.0
@@ -164,6 +168,11 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Fields whose value is a whole collection of names: a saved config's value replaces the
+# default's instead of merging into it (a run trained on three tasks reloads with three).
+COLLECTIONS = ("data.mixture", "data.tasks", "data.task_dirs", "data.groups")
+
+
 def smoke(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
     """The few-step CPU variant every config file offers (`path.py:smoke`): a 2-layer,
     d=64 model, so a test runs the config's whole path in seconds."""
@@ -182,7 +191,11 @@ def smoke(config: ml_collections.ConfigDict, steps: int) -> ml_collections.Confi
 
 
 def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Load `path[:arg]`, apply `--config.a.b=value` overrides, validate, and lock."""
+    """Load `path[:variant]`, apply `--config.a.b=value` overrides, validate, and lock.
+
+    A config file lists the variants its get_config(arg) accepts in `VARIANTS`; any
+    other is an error listing them.
+    """
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise ConfigError(f"--config: no config file at {path!r}")
@@ -192,10 +205,21 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
         module_spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
             raise ConfigError(f"{path}: defines no get_config()")
+        variants = getattr(module, "VARIANTS", None)
+        if arg and variants is not None and arg not in variants:
+            close = difflib.get_close_matches(arg, variants, n=1)
+            raise ConfigError(f"{spec}: {path} has no variant {arg!r}" + (f"; did you mean {path}:{close[0]}?" if close
+                              else "") + f" Its variants: {', '.join(variants) or 'none'} (or no variant: {path})")
         takes_arg = len(inspect.signature(module.get_config).parameters) > 0
+        if arg and not takes_arg:
+            raise ConfigError(f"{spec}: {path}'s get_config() takes no variant; use {path}")
         config = module.get_config(arg or None) if takes_arg else module.get_config()
     except AttributeError as e:  # a typo'd key in the file, on the locked defaults
         raise ConfigError(f"{path}{_line_of_error(e, path)}: {_readable(e)}") from None
+    except (ConfigError, FileNotFoundError):
+        raise
+    except Exception as e:  # anything else the file's own code raised, with its line
+        raise ConfigError(f"{path}{_line_of_error(e, path)}: {type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
     config.lock()
@@ -209,14 +233,35 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     return config
 
 
+# What a Hugging Face model directory must hold for init_from: (what, any of these files).
+_HF_PARTS = (("config.json", ("config.json",)),
+             ("weights", ("model.safetensors", "model.safetensors.index.json")),
+             ("a tokenizer", ("tokenizer.json", "tokenizer.model", "vocab.json")))
+
+
 def _take_architecture_from_hf(config: ml_collections.ConfigDict, where: str) -> None:
-    """The model section follows the HF checkpoint; the tokenizer comes from it too."""
+    """The model section follows the HF checkpoint, and the tokenizer (with its chat
+    template) comes from it too: pretrained weights mean nothing under another one."""
     from jit_tune.models.hf import HFConfigError, decoder_fields_from_hf
 
-    hf_config = Path(config.model.init_from) / "config.json"
-    if not hf_config.is_file():
-        raise ConfigError(f"{where}: config.model.init_from = {config.model.init_from!r}: expected a "
-                          "Hugging Face model directory with a config.json")
+    init_from = Path(config.model.init_from)
+    field = f"{where}: config.model.init_from = {config.model.init_from!r}"
+    if not init_from.is_dir():
+        raise ConfigError(f"{field}: no such directory; expected a Hugging Face model directory")
+    if (init_from / "checkpoints").is_dir() and (init_from / "config.json").is_file() and \
+            {"model", "data", "train"} <= set(json.loads((init_from / "config.json").read_text())):
+        raise ConfigError(f"{field} is a jit-tune workdir; export it first (jit-tune export --workdir {init_from} "
+                          f"--out {init_from}/hf) and start from the export (--config.model.init_from={init_from}/hf)")
+    missing = [what for what, names in _HF_PARTS if not any((init_from / name).is_file() for name in names)]
+    if missing:
+        raise ConfigError(f"{field}: the directory lacks {' and '.join(missing)}; a Hugging Face model directory "
+                          "holds config.json, model.safetensors (or an index with shards) and tokenizer files "
+                          "(tokenizer.json); save one with save_pretrained() of the model and its tokenizer")
+    if config.data.tokenizer == "bpe":
+        raise ConfigError(f"{where}: config.data.tokenizer = 'bpe' with config.model.init_from: a pretrained model "
+                          "keeps its own tokenizer; remove the tokenizer setting (init_from brings the tokenizer "
+                          "and its chat template)")
+    hf_config = init_from / "config.json"
     values = json.loads(hf_config.read_text())
     try:
         config.model.update(decoder_fields_from_hf(values, str(hf_config)))
@@ -287,8 +332,11 @@ def _parse_like(raw: str, current, item: str):
 # ------------------------------------------------------------------------- validation
 
 
-def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources: dict | None = None) -> None:
-    """Check every value; raise one ConfigError listing each problem with where it was set."""
+def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources: dict | None = None,
+             check_files: bool = True) -> None:
+    """Check every value; raise one ConfigError listing each problem with where it was set.
+    Without `check_files`, paths to data and tokenizers are not looked at (a saved run
+    reloads for export or generation even when its training data has moved)."""
     sources = sources or {}
     problems = []
     defaults = default_config()
@@ -314,8 +362,6 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("model.dtype", m.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.scan_layers", not m.scan_layers or len(set(m.layer_types)) <= 1,
           "false when model.layer_types mixes full and sliding layers (scanned layers are identical)")
-    check("model.scan_layers", not (m.scan_layers and m.init_from),
-          "false with model.init_from (Hugging Face weights load into unstacked layers)")
     check("model.remat", m.remat in ("none", "full", "dots"), "'none', 'full' or 'dots'")
     check("model.param_dtype", m.param_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.rope_theta", m.rope_theta > 0, "a positive number")
@@ -323,7 +369,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("model.mlp_activation", m.mlp_activation in ("silu", "gelu_tanh"), "'silu' or 'gelu_tanh'")
     check("model.layer_types", not m.layer_types or (len(m.layer_types) == m.n_layers
           and set(m.layer_types) <= {"full", "sliding"}), "empty, or 'full'/'sliding' for each of model.n_layers")
-    check("data.tokenizer", d.tokenizer in ("builtin", "bpe") or Path(d.tokenizer).is_dir(),
+    check("data.tokenizer", d.tokenizer in ("builtin", "bpe") or Path(d.tokenizer).is_dir() or not check_files,
           "'builtin', 'bpe' or a directory holding a Hugging Face tokenizer")
     check("model.family", m.family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"),
           "llama, mistral, qwen2, qwen3, gemma2 or gemma3_text")
@@ -336,9 +382,10 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("data.on_bad_record", d.on_bad_record in ("error", "skip"), "'error' or 'skip'")
     for name, spec in list(d.tasks.items()) + list(d.task_dirs.items()):
         check(f"data.{'tasks' if name in d.tasks else 'task_dirs'}.{name}",
-              isinstance(spec, ml_collections.ConfigDict) and "path" in spec and Path(spec.path).exists(),
-              "a ConfigDict with a 'path' that exists")
-    problems.extend(_mixture_problems(config, path))
+              isinstance(spec, ml_collections.ConfigDict) and "path" in spec
+              and (Path(spec.path).exists() or not check_files), "a ConfigDict with a 'path' that exists")
+    if check_files:
+        problems.extend(_mixture_problems(config, path))
     problems.extend(_template_problems(config, path))
     check("data.train_on", d.train_on in ("all_assistant", "last_assistant", "all"),
           "'all_assistant', 'last_assistant' or 'all'")
@@ -436,21 +483,27 @@ def _line_setting(path: str, key: str) -> str:
     return ""
 
 
-def config_from_dict(values: dict, source: str) -> ml_collections.ConfigDict:
-    """The defaults updated with a saved config (config.json), validated and locked."""
+def config_from_dict(values: dict, source: str, check_files: bool = True) -> ml_collections.ConfigDict:
+    """The defaults updated with a saved config (config.json, or a checkpoint's), with
+    collections (mixture, tasks, groups) taken whole; validated and locked. Fields the
+    saved config lacks (it predates them) keep their defaults."""
     config = default_config()
 
     def update(node: ml_collections.ConfigDict, saved: dict, prefix: str):
         for key, value in saved.items():
             if key not in node:
-                raise ConfigError(f"{source}: unknown field config.{prefix}{key}")
-            if isinstance(node[key], ml_collections.ConfigDict):
+                raise ConfigError(f"{source}: unknown field config.{prefix}{key} (saved by another version of "
+                                  "jit_tune?)")
+            if f"{prefix}{key}" in COLLECTIONS:
+                node[key] = ml_collections.ConfigDict(value)
+            elif isinstance(node[key], ml_collections.ConfigDict):
                 update(node[key], value, f"{prefix}{key}.")
             else:
                 node[key] = _as_tuples(value) if isinstance(node[key], tuple) else value
 
     update(config, values, "")
-    validate(config, source)
+    validate(config, source, check_files=check_files)
+    config.lock()
     return config
 
 
@@ -458,5 +511,13 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    """The config as JSON-ready values (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict(), default=list))
+
+
 def save_config(config: ml_collections.ConfigDict, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")
+    """config.json, written atomically: a kill never leaves half a config."""
+    from jit_tune.files import atomic_write_json
+
+    atomic_write_json(path, config_to_dict(config))

@@ -33,6 +33,22 @@ def tpu_chips() -> int:
         return 0
 
 
+def choose_platform(environ: dict = os.environ) -> str | None:
+    """On a machine with no accelerator attached, tell JAX to use the CPU before its
+    backends start: with libtpu installed (the tpu and test extras) JAX would otherwise
+    load and probe it, and print its errors, in every command. An explicit JAX_PLATFORMS
+    always wins. Returns the platform set, if any."""
+    if "JAX_PLATFORMS" in environ:
+        return None
+    from jax._src import hardware_utils
+
+    if tpu_chips() or hardware_utils.has_visible_nvidia_gpu() or os.path.exists("/dev/kfd"):  # kfd: AMD GPUs
+        return None
+    environ["JAX_PLATFORMS"] = "cpu"  # for Grain worker processes
+    jax.config.update("jax_platforms", "cpu")
+    return "cpu"
+
+
 def cluster(environ: Mapping[str, str], chips: int | None = None) -> str | None:
     """The cluster manager whose environment this process runs in, when it has peers.
     On a TPU VM (chips attached) JAX asks the metadata server for the other workers."""

@@ -112,7 +112,7 @@ def test_skip_mode_stops_after_too_many_non_finite_steps_in_a_row(tmp_path, caps
     workdir = tmp_path / "run"
     args = ["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=30",
             "--config.train.log_every=1", "--config.train.on_nonfinite=skip", "--config.train.max_skipped_steps=3",
-            "--config.optimizer.lr=1e38"]
+            "--config.optimizer.lr=1e38", "--config.train.checkpoint_every=100"]
     assert main(args) == 3
     out, err = capsys.readouterr()
     assert "its update was skipped" in out + err and "for 4 steps in a row (train.max_skipped_steps = 3)" in err

@@ -1,6 +1,5 @@
 """Mixture rules, nested groups, file tasks in the pipeline, and the T0 config."""
 
-import collections
 import json
 from pathlib import Path
 
@@ -78,8 +77,7 @@ def test_truncation_cuts_the_prompt_from_the_left_or_drops():
 def test_rows_flag_truncated_examples_and_drops_are_counted(tokenizer, smoke_config, policy):
     smoke_config.data.seq_len = 16  # built-in examples are 11 to 25 tokens
     smoke_config.data.truncation = policy
-    dropped = collections.Counter()
-    batch = next(iter(train_dataset(smoke_config, tokenizer, dropped=dropped)))
+    batch = next(iter(train_dataset(smoke_config, tokenizer)))
     starts = (batch["positions"] == 0) & (batch["segment_ids"] > 0)
     flagged = int(batch["truncated"][starts].sum())
     if policy == "left":
@@ -88,7 +86,7 @@ def test_rows_flag_truncated_examples_and_drops_are_counted(tokenizer, smoke_con
             # a cut example starts mid-prompt, never with the chat template's first token
             assert batch["inputs"][row, column] != tokenizer.convert_tokens_to_ids("<|user|>")
     else:
-        assert flagged == 0 and dropped["too_long"] > 0
+        assert flagged == 0 and batch["dropped_too_long"].sum() > 0
 
 
 def test_file_tasks_mix_with_built_in_tasks(tmp_path, tokenizer, smoke_config):
@@ -137,9 +135,9 @@ def test_data_inspect_reports_mixture_lengths_and_packing(tokenizer, smoke_confi
     assert "Mixture: realized" in out and "Packing" in out and "<|assistant|>" in out
 
 
-def test_bad_records_stop_the_run_with_their_location_or_are_skipped_and_counted(tmp_path, tokenizer, smoke_config):
+def test_bad_records_stop_the_run_with_their_location_or_are_skipped_and_counted(tmp_path, tokenizer, smoke_config,
+                                                                                caplog):
     from jit_tune.data.sources import SourceError
-    from jit_tune.data.tasks import SKIPPED
 
     path = tmp_path / "qa.jsonl"
     lines = [json.dumps({"prompt": f"Say {w}.", "completion": w}) for w in ("owl", "cake") * 30]
@@ -154,12 +152,10 @@ def test_bad_records_stop_the_run_with_their_location_or_are_skipped_and_counted
             next(iter(train_dataset(smoke_config, tokenizer)))
 
     smoke_config.data.on_bad_record = "skip"
-    SKIPPED.count, SKIPPED.reasons = 0, []
     iterator = iter(train_dataset(smoke_config, tokenizer))
-    for _ in range(3):  # 24 rows of ~5 examples: every record is read at least once
-        next(iterator)
-    assert SKIPPED.count >= 2  # both bad records, once per epoch read
-    reasons = " | ".join(SKIPPED.reasons)
+    batches = [next(iterator) for _ in range(6)]  # 48 rows of ~5 examples: every record read several times
+    assert sum(int(b["dropped_bad_record"].sum()) for b in batches) == 2  # each bad record once
+    reasons = caplog.text
     assert "qa.jsonl:8: missing field 'completion'" in reasons and "qa.jsonl:13: malformed JSON" in reasons
 
 

@@ -18,6 +18,7 @@ from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
 from jit_tune.data.pipeline import encode, mixed_examples, mixture_rates, train_dataset, truncate
+from jit_tune.data.tasks import is_bad
 
 
 def _highlighted(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray, mask: np.ndarray) -> Text:
@@ -34,7 +35,9 @@ def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, n_show:
     console = console or Console()
     d = config.data
     examples = mixed_examples(config)
-    sample = [examples[i] for i in range(n_sample)]
+    drawn = [examples[i] for i in range(n_sample)]
+    sample = [example for example in drawn if not is_bad(example)]
+    bad = list(dict.fromkeys(example["bad_record"] for example in drawn if is_bad(example)))  # each record once
 
     console.rule("Rendered examples (trained tokens in bold green)")
     for example in sample[:n_show]:
@@ -46,7 +49,7 @@ def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, n_show:
         console.print()
 
     rates = mixture_rates(config)
-    counts = collections.Counter(example["task"] for example in sample)
+    counts = collections.Counter(example["task"] for example in drawn)
     table = Table(title=f"Mixture: realized over the first {n_sample:,} examples")
     for column in ("task", "rate", "realized"):
         table.add_column(column, justify="left" if column == "task" else "right")
@@ -61,11 +64,12 @@ def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, n_show:
     dropped = sum(f is None for f in fitted)
     truncated = sum(f is not None and len(f["inputs"]) < len(g["inputs"])
                     for f, g in zip(fitted, [g for g in encoded if g["loss_mask"].any()]))
-    edges = np.unique(np.quantile(lengths, np.linspace(0, 1, 9)).astype(int))
-    histogram, _ = np.histogram(lengths, bins=np.append(edges[:-1], edges[-1] + 1))
     console.rule(f"Example lengths in tokens (row length {d.seq_len})")
-    for lo, hi, count in zip(edges[:-1], edges[1:], histogram):
-        console.print(f"{lo:>7}-{hi:<7} {'#' * int(60 * count / max(histogram.max(), 1))} {count}")
+    if len(lengths):
+        edges = np.unique(np.quantile(lengths, np.linspace(0, 1, 9)).astype(int))
+        histogram, _ = np.histogram(lengths, bins=np.append(edges[:-1], edges[-1] + 1))
+        for lo, hi, count in zip(edges[:-1], edges[1:], histogram):
+            console.print(f"{lo:>7}-{hi:<7} {'#' * int(60 * count / max(histogram.max(), 1))} {count}")
 
     rows = list(itertools.islice(iter(train_dataset(config, tokenizer)), n_batches))
     segments = np.concatenate([b["segment_ids"] for b in rows])
@@ -79,10 +83,13 @@ def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, n_show:
         "truncated": truncated,
         "dropped_too_long": dropped,
         "dropped_untrained": untrained,
+        "bad_records": len(bad),
         "sampled": n_sample,
     }
     console.rule("Packing")
     console.print(f"{len(segments)} rows of {d.seq_len}: {efficiency:.1%} real tokens, {per_row:.1f} examples a row; "
                   f"of {n_sample:,} sampled examples {truncated} truncated, {dropped} dropped as too long, "
-                  f"{untrained} dropped with no trained token")
+                  f"{untrained} dropped with no trained token, {len(bad)} bad records skipped", soft_wrap=True)
+    if bad:  # whole lines, so a file:line stays one searchable string
+        console.print("The first bad records:\n  " + "\n  ".join(bad[:5]), soft_wrap=True, markup=False)
     return stats

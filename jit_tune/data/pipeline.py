@@ -12,16 +12,17 @@ Rows leave the pipeline as int32 arrays [rows, seq_len]:
   positions          position within its example, restarting at 0
   task_ids           which task of the mixture a token came from (host-side, for logs)
   truncated          1 on the tokens of an example cut to fit the row (host-side, for logs)
+  dropped_*          examples left out since the previous row, on its first token
+                     (host-side, for logs): bad records, with no trained token, too long
 
-Examples dropped before packing (too long, or with no trained token) are counted in the
-`dropped` Counter a caller passes to train_dataset, in the process that renders them
-(with data.workers > 0 that is a worker, and the caller's Counter stays empty).
+Drops ride along the rows rather than in a counter of the process that renders them, so
+they reach the training log from Grain worker processes too.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
+import logging
 
 import grain
 import numpy as np
@@ -32,17 +33,25 @@ from transformers import PreTrainedTokenizerBase
 
 from jit_tune.config import ConfigError
 from jit_tune.data import builtin_tasks
+from jit_tune.data.sources import SourceError
 from jit_tune.data import tasks as tasks_lib
 from jit_tune.data.mixture import task_rates
 from jit_tune.data.render import tokenize_conversation
 from jit_tune.data.streams import Streams, owned_streams
-from jit_tune.data.tokenizer import get_tokenizer
+from jit_tune.data.tokenizer import build_tokenizer, saved_tokenizer
 
 FEATURES = ("inputs", "targets", "loss_mask")
+# Why an example was left out, in the order of ExampleFilter's checks.
+DROP_REASONS = ("bad_record", "no_trained_token", "too_long")
 # task_ids: 1 + the task's index in the mixture, per token (0 for padding); host-side
-# only, for logging the realized mixture.
-HOST_FEATURES = ("task_ids", "truncated")
+# only, for logging the realized mixture and drops.
+PACKED_HOST_FEATURES = ("task_ids", "truncated")
+HOST_FEATURES = PACKED_HOST_FEATURES + tuple(f"dropped_{reason}" for reason in DROP_REASONS)
 ROW_FEATURES = FEATURES + ("segment_ids", "positions") + HOST_FEATURES
+# A task whose first this many examples (or whole train split, if smaller) are all left
+# out yields nothing to train on: an error, not an endless search.
+DEAD_TASK_DRAWS = 1000
+log = logging.getLogger(__name__)
 
 
 def encode(example: dict, tokenizer: PreTrainedTokenizerBase, train_on: str) -> dict[str, np.ndarray]:
@@ -66,27 +75,77 @@ def truncate(features: dict[str, np.ndarray], seq_len: int, policy: str) -> dict
     return {k: v[start:] for k, v in features.items()}
 
 
-def _fit(features: dict[str, np.ndarray], seq_len: int, policy: str,
-         dropped: collections.Counter) -> dict[str, np.ndarray] | None:
-    if not features["loss_mask"].any():
-        dropped["no_trained_token"] += 1  # nothing to learn from
-        return None
-    fitted = truncate(features, seq_len, policy)
-    if fitted is None:
-        dropped["too_long"] += 1
-        return None
-    fitted["truncated"] = np.full(len(fitted["inputs"]), fitted is not features, np.int32)
-    return fitted
+class ExampleFilter:
+    """Encodes examples and keeps those that fit a row and train at least one token. The
+    ones left out are counted by reason (a bad record once, however many epochs read it)
+    until the next packed row takes the counts (`take_counts`); the first reasons a
+    process meets are logged. A task that yields nothing to train on is a SourceError
+    naming it and why."""
 
+    log_first = 5
 
-def _tagged(example: dict, task_index: dict[str, int], tokenizer, train_on: str) -> dict[str, np.ndarray]:
-    features = encode(example, tokenizer, train_on)
-    features["task_ids"] = np.full(len(features["inputs"]), task_index[example["task"]] + 1, np.int32)
-    return features
+    def __init__(self, config: ConfigDict, tokenizer, task_index: dict[str, int], sizes: dict[str, float]):
+        d = config.data
+        self.tokenizer, self.task_index, self.train_on = tokenizer, task_index, d.train_on
+        self.seq_len, self.policy = d.seq_len, d.truncation
+        self.limits = {task: int(min(size, DEAD_TASK_DRAWS)) for task, size in sizes.items()}
+        self.pending = collections.Counter()  # left out since the last row took the counts
+        self.tried = collections.defaultdict(collections.Counter)  # task -> reason/"kept" -> count
+        self.bad_seen: set[tuple[str, int]] = set()
+        self.logged = 0
+
+    def __call__(self, example: dict) -> dict[str, np.ndarray] | None:
+        task = example["task"]
+        if "bad_record" in example:
+            reason = "bad_record"
+            if (task, example["record"]) not in self.bad_seen:
+                self.bad_seen.add((task, example["record"]))
+                self.pending[reason] += 1
+                if self.logged < self.log_first:
+                    self.logged += 1
+                    log.warning("skipped a bad record (data.on_bad_record = 'skip'): %s", example["bad_record"])
+            return self._left_out(task, reason, example["bad_record"])
+        features = encode(example, self.tokenizer, self.train_on)
+        if not features["loss_mask"].any():  # no assistant turn, or only empty answers
+            self.pending["no_trained_token"] += 1
+            return self._left_out(task, "no_trained_token")
+        fitted = truncate(features, self.seq_len, self.policy)
+        if fitted is None:
+            self.pending["too_long"] += 1
+            return self._left_out(task, "too_long")
+        self.tried[task]["kept"] += 1
+        n = len(fitted["inputs"])
+        fitted["truncated"] = np.full(n, fitted is not features, np.int32)
+        fitted["task_ids"] = np.full(n, self.task_index[task] + 1, np.int32)
+        return fitted
+
+    def take_counts(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A packed row with the drops counted since the previous one (on its first slot)."""
+        for reason in DROP_REASONS:
+            row[f"dropped_{reason}"] = np.zeros_like(row["inputs"])
+            row[f"dropped_{reason}"][0] = self.pending[reason]
+        self.pending.clear()
+        return row
+
+    def _left_out(self, task: str, reason: str, detail: str = "") -> None:
+        tried = self.tried[task]
+        tried[reason] += 1
+        if tried["kept"] == 0 and sum(tried.values()) >= self.limits[task]:
+            raise SourceError(self._dead_task(task, tried, detail))
+        return None
+
+    def _dead_task(self, task: str, tried: collections.Counter, detail: str) -> str:
+        n = sum(tried.values())
+        why = {"too_long": f"longer than a row (data.seq_len = {self.seq_len}) even after data.truncation = "
+                           f"{self.policy!r} (an answer alone must fit the row)",
+               "no_trained_token": "with nothing to train on (no assistant turn, or only empty answers)",
+               "bad_record": f"bad records (data.on_bad_record = 'skip'), e.g. {detail}"}
+        reasons = "; ".join(f"{tried[r]:,} {why[r]}" for r in DROP_REASONS if tried[r])
+        return f"task {task!r} yields no example to train on: all of the first {n:,} drawn were left out: {reasons}"
 
 
 def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    row = {k: packed[k].astype(np.int32) for k in FEATURES + HOST_FEATURES}
+    row = {k: packed[k].astype(np.int32) for k in FEATURES + PACKED_HOST_FEATURES}
     row["segment_ids"] = packed["inputs_segment_ids"].astype(np.int32)
     row["positions"] = packed["inputs_positions"].astype(np.int32)
     return row
@@ -94,32 +153,32 @@ def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def train_dataset(
     config: ConfigDict, tokenizer: PreTrainedTokenizerBase, process_index: int = 0, process_count: int = 1,
-    dropped: collections.Counter | None = None, stream_count: int | None = None,
+    stream_count: int | None = None,
 ) -> Streams:
     """This process's batches of packed rows (`batch_size / process_count` of each global
     batch), endless and deterministic in config.seed, from its share of the data streams
     (streams.py; `stream_count` overrides config.data.streams, as a resumed run's
-    checkpoint does). `dropped` counts the examples left out ("too_long",
-    "no_trained_token")."""
+    checkpoint does)."""
     d = config.data
     stream_count = stream_count or d.streams or process_count
     if d.batch_size % stream_count:
         raise ConfigError(f"config.data.batch_size = {d.batch_size}: expected a multiple of the {stream_count} data "
                           "streams (config.data.streams, or one per process)")
-    mixed = mixed_examples(config)
-    task_index = {name: i for i, name in enumerate(mixture_rates(config))}
-    dropped = collections.Counter() if dropped is None else dropped
+    registry = tasks_lib.all_tasks(config)
+    rates = mixture_rates(config, registry)
+    mixed = mixed_examples(config, registry)
+    sizes = {name: tasks_lib.task_size(registry[name], "train") for name in rates}
+    keep = ExampleFilter(config, tokenizer, {name: i for i, name in enumerate(rates)}, sizes)
 
     def stream(index: int) -> grain.IterDataset:
-        encoded = mixed[index::stream_count].map(
-            functools.partial(_tagged, task_index=task_index, tokenizer=tokenizer, train_on=d.train_on))
-        encoded = encoded.map(functools.partial(_fit, seq_len=d.seq_len, policy=d.truncation, dropped=dropped))
+        encoded = mixed[index::stream_count].map(keep)
         # Rendering runs inline: Grain's thread prefetch polls its futures under the GIL and
         # cut throughput by 2.3x here (tools/bench_pipeline.py); parallel reading is for
         # worker processes (mp_prefetch).
         inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-        packed = pack(encoded.to_iter_dataset(inline), config, FEATURES + HOST_FEATURES)
-        batches = packed.map(_to_row).batch(d.batch_size // stream_count, drop_remainder=True)
+        packed = pack(encoded.to_iter_dataset(inline), config, FEATURES + PACKED_HOST_FEATURES)
+        rows = packed.map(_to_row).map(keep.take_counts)  # in the process that ran `keep`
+        batches = rows.batch(d.batch_size // stream_count, drop_remainder=True)
         if d.workers:
             # Worker processes render and pack, each its share of the stream's batches; the
             # iterator's state (saved in checkpoints) covers all of them.
@@ -139,12 +198,13 @@ def pack(examples: grain.IterDataset, config: ConfigDict, features: tuple[str, .
                   seed=config.seed, shuffle_bins=True)
 
 
-def mixed_examples(config: ConfigDict) -> grain.MapDataset:
+def mixed_examples(config: ConfigDict, registry: dict | None = None) -> grain.MapDataset:
     """Conversation examples drawn from every task at its mixture rate. The order is
     shuffled within windows of data.shuffle_window (lazy, index-only) to vary the task
     order within rows; a global shuffle of the endless mixture would sample each task's
-    records with replacement instead of one epoch after another."""
-    registry = tasks_lib.all_tasks(config)
+    records with replacement instead of one epoch after another. Bad records skipped
+    under data.on_bad_record = "skip" appear as `tasks.bad_record` markers."""
+    registry = registry or tasks_lib.all_tasks(config)
     rates = mixture_rates(config, registry)
     mixture = grain.MapDataset.mix(
         [tasks_lib.train_examples(registry[name], config) for name in rates], weights=list(rates.values())
@@ -167,15 +227,17 @@ def tokenizer_corpus(config: ConfigDict):
     for name in mixture_rates(config, registry):
         examples = tasks_lib.train_examples(registry[name], config)
         for i in range(config.data.tokenizer_corpus_examples):
-            for message in examples[i]["messages"]:
+            for message in examples[i].get("messages", ()):  # a bad record has none
                 yield message["content"]
 
 
-def run_tokenizer(config: ConfigDict, workdir) -> PreTrainedTokenizerBase:
-    """The tokenizer a run with `config` uses, kept in (or read back from) `workdir`."""
+def run_tokenizer(config: ConfigDict, workdir=None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a run with `config`: the one saved in `workdir` when there is
+    one, else built as the config says (training saves it once the run is accepted)."""
     d = config.data
-    return get_tokenizer(d.tokenizer, workdir, d.tokenizer_vocab_size, d.builtin_seed,
-                         corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
+    saved = saved_tokenizer(workdir) if workdir is not None else None
+    return saved or build_tokenizer(d.tokenizer, d.tokenizer_vocab_size, d.builtin_seed,
+                                    corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
 
 
 def validation_examples(config: ConfigDict, task, held_out: bool) -> list[dict]:
@@ -191,4 +253,4 @@ def validation_examples(config: ConfigDict, task, held_out: bool) -> list[dict]:
         return []
     count = min(task.size("validation"), config.eval.examples_per_task)
     examples = (task.example("validation", i, held_out=held_out) for i in range(count))
-    return [example for example in examples if example is not None]
+    return [example for example in examples if not tasks_lib.is_bad(example)]

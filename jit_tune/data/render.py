@@ -43,12 +43,16 @@ def tokenize_conversation(
 
     An assistant turn's trained span runs from the end of the prefix rendered with the
     generation prompt to the end of the prefix that includes the turn: its content and
-    whatever the template closes it with (EOS). The prefixes are tokenized in one batch
+    whatever the template closes it with (EOS). A turn with empty (or blank) content is
+    not trained. The prefixes are tokenized in one batch
     with the whole; the last turn's closing prefix is the whole.
     """
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"] if train_on != "all" else []
     if train_on == "last_assistant":
         turns = turns[-1:]
+    # An empty answer is not a response: its end-of-turn token alone would teach the
+    # model to answer nothing (the T0 dumps hold such completions).
+    turns = [i for i in turns if messages[i]["content"].strip()]
     prefixes = [(i, True) for i in turns] + [(i + 1, False) for i in turns if i + 1 < len(messages)]
     texts = [_render(tokenizer, messages, False)] + [_render(tokenizer, messages[:n], g) for n, g in prefixes]
     full, *rendered = _ids(tokenizer, texts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import zlib
 
 import grain
@@ -19,32 +20,25 @@ from ml_collections import ConfigDict
 
 from jit_tune.data import builtin_tasks
 from jit_tune.data.formats import FORMATS, to_conversation
-from jit_tune.data.sources import SourceError, open_source, task_directory
+from jit_tune.data.sources import EmptySourceError, SourceError, open_source, task_directory
 from jit_tune.data.templates import TemplateSet, example_key
 
 # "templated": raw-field records rendered by the task's FLAN-style templates (templates.py).
 TASK_FORMATS = FORMATS + ("templated",)
 
 _GENERATED = 2**40  # index space of a generated task
+log = logging.getLogger(__name__)
 
 
-class SkippedRecords:
-    """Bad records skipped under data.on_bad_record = "skip": a count and the first
-    reasons, for the run's log. (Counted in the process that reads; with Grain worker
-    processes each worker keeps its own.)"""
-
-    keep = 5
-
-    def __init__(self):
-        self.count, self.reasons = 0, []
-
-    def add(self, reason: str) -> None:
-        self.count += 1
-        if len(self.reasons) < self.keep:
-            self.reasons.append(reason)
+def bad_record(task: str, index: int, reason: str) -> dict:
+    """What a bad record becomes under data.on_bad_record = "skip": a marker that flows
+    down the pipeline to where drops are counted (pipeline.ExampleFilter), once per
+    record however many epochs read it."""
+    return {"task": task, "bad_record": reason, "record": index}
 
 
-SKIPPED = SkippedRecords()
+def is_bad(example: dict) -> bool:
+    return "bad_record" in example
 
 
 @dataclasses.dataclass
@@ -89,10 +83,10 @@ class FileTask:
         part = int(np.searchsorted(self._starts, index, side="right") - 1)
         return part, self.templates[part][1][index - self._starts[part]]
 
-    def example(self, split: str, position: int, epoch: int = 0, held_out: bool = False) -> dict | None:
+    def example(self, split: str, position: int, epoch: int = 0, held_out: bool = False) -> dict:
         """The conversation at `position` of `split` (templated tasks: rendered for
-        `epoch`, on a held-out template if asked); None for a bad record when skipping
-        (Grain drops Nones), else the SourceError naming file, line and field."""
+        `epoch`, on a held-out template if asked). A bad record raises the SourceError
+        naming file, line and field, or when skipping becomes a `bad_record` marker."""
         try:
             part, record = self.record(split, position)
             if self.template_set is None:
@@ -108,10 +102,9 @@ class FileTask:
         except SourceError as e:
             if not self.skip_bad_records:
                 raise
-            SKIPPED.add(str(e))
-            return None
+            return bad_record(self.name, int(self.indices[split][position]), str(e))
 
-    def epoch_example(self, split: str, index: int, position: int) -> dict | None:
+    def epoch_example(self, split: str, index: int, position: int) -> dict:
         """For Grain's map_with_index over an endless, reshuffled stream of positions."""
         return self.example(split, position, epoch=index // self.size(split))
 
@@ -144,8 +137,18 @@ def file_tasks(config: ConfigDict) -> dict[str, FileTask]:
     for prefix, raw in d.task_dirs.items():
         spec = _spec(raw, TASK_DIR_FIELDS, f"config.data.task_dirs.{prefix}")
         for task, templates in task_directory(spec["path"]).items():
-            parts = [(template, open_source(str(path))) for template, path in templates.items()]
             name = f"{prefix}/{task}"
+            parts = []
+            # Scraped template dumps (P3, FLAN) hold the odd empty template: it has nothing
+            # to mix, and should not stop the task's other templates or the run.
+            for template, path in templates.items():
+                try:
+                    parts.append((template, open_source(str(path))))
+                except EmptySourceError:
+                    log.warning("%s: empty template file, skipped (task %s)", path, name)
+            if not parts:
+                log.warning("%s: every template file is empty, task %s skipped", path.parent, name)
+                continue
             tasks[name] = FileTask(name, parts, spec["format"], spec["fields"], d.validation_share,
                                    d.on_bad_record == "skip")
     return tasks

@@ -1,6 +1,7 @@
 """Tokenizers: a byte-level BPE trained on the built-in suite (nothing to download), or
 any Hugging Face tokenizer directory. Either way the result is a transformers
-tokenizer carrying its chat template, saved in the workdir so a resume reads the same one.
+tokenizer carrying its chat template, saved in the workdir so that a resume, eval and
+export read the same one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from jit_tune.data import builtin_tasks
 from jit_tune.data.chat_templates import apply_chat_template
+from jit_tune.files import atomic_directory
 
+TOKENIZER_DIR = "tokenizer"  # in a workdir
 SPECIAL_TOKENS = ("<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>")
 
 # Role markers are special tokens, so a rendered prefix always ends on a token boundary;
@@ -53,15 +56,23 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def get_tokenizer(name: str, workdir: str | Path, vocab_size: int, seed: int,
-                  corpus: Callable[[], Iterable[str]] | None = None, chat_template: str = "") -> PreTrainedTokenizerBase:
-    """The run's tokenizer: the copy in `workdir/tokenizer` if there is one (a resume),
-    else built from `name` and saved there: "builtin" (BPE on the built-in tasks),
-    "bpe" (BPE on `corpus()`, the training tasks' text), or a HF tokenizer dir; a named
+def saved_tokenizer(workdir: str | Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer a run saved in `workdir/tokenizer`, if it has one."""
+    saved = Path(workdir) / TOKENIZER_DIR
+    return AutoTokenizer.from_pretrained(saved) if saved.is_dir() else None
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, workdir: str | Path) -> None:
+    """Into `workdir/tokenizer`, atomically: a resume never reads half a tokenizer."""
+    with atomic_directory(Path(workdir) / TOKENIZER_DIR) as directory:
+        tokenizer.save_pretrained(directory)
+
+
+def build_tokenizer(name: str, vocab_size: int, seed: int, corpus: Callable[[], Iterable[str]] | None = None,
+                    chat_template: str = "") -> PreTrainedTokenizerBase:
+    """A tokenizer from `name`: "builtin" (BPE on the built-in tasks), "bpe" (BPE on
+    `corpus()`, the training tasks' text), or a HF tokenizer dir; a named
     `chat_template` replaces the tokenizer's own."""
-    saved = Path(workdir) / "tokenizer"
-    if saved.exists():
-        return AutoTokenizer.from_pretrained(saved)
     if name == "builtin":
         tokenizer = train_builtin_tokenizer(vocab_size, seed)
     elif name == "bpe":
@@ -75,5 +86,4 @@ def get_tokenizer(name: str, workdir: str | Path, vocab_size: int, seed: int,
         tokenizer = AutoTokenizer.from_pretrained(name)
     if chat_template:
         apply_chat_template(tokenizer, chat_template)
-    tokenizer.save_pretrained(saved)
     return tokenizer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
 from jit_tune.data import tasks as tasks_lib
+from jit_tune.files import atomic_write_json
 from jit_tune.data.pipeline import encode, mixture_rates, truncate, validation_examples
 from jit_tune.data.render import prompt_ids
 from jit_tune.eval.decode import generate_greedy
@@ -38,11 +38,13 @@ def _unpacked_rows(features: list[dict | None], seq_len: int, batch: int) -> dic
 
 
 def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigDict) -> dict:
-    """{task: {group: {"loss", "exact_match", "examples"}}} plus a "mean" entry per group."""
+    """{task: {group: {"loss", "exact_match", "examples"}}} plus a "mean" entry per group;
+    a task with no validation examples gets an empty entry."""
     registry = tasks_lib.all_tasks(config)
+    tasks = list(mixture_rates(config, registry))
     items = [
         (name, group, example)
-        for name in mixture_rates(config, registry)
+        for name in tasks
         for group, held_out in GROUPS
         for example in validation_examples(config, registry[name], held_out)
     ]
@@ -62,13 +64,13 @@ def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigD
     prompts = [prompt_ids(tokenizer, ex["messages"][:-1])[-seq_len:] for _, _, ex in items]
     outputs = generate_greedy(
         model, prompts, config.eval.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch
-    )
+    ) if prompts else []
     correct = [
         tokenizer.decode(out, skip_special_tokens=True).strip() == ex["messages"][-1]["content"].strip()
         for out, (_, _, ex) in zip(outputs, items)
     ]
 
-    results: dict = {}
+    results: dict = {task: {} for task in tasks}
     for (task, group, _), loss, count, ok in zip(items, loss_sums, counts, correct):
         entry = results.setdefault(task, {}).setdefault(group, {"loss_sum": 0.0, "tokens": 0.0, "correct": 0, "examples": 0})
         entry["loss_sum"] += float(loss)
@@ -97,6 +99,7 @@ def print_table(results: dict, step: int, console: Console | None = None) -> Non
     table = Table(title=f"Per-task validation at step {step}")
     for column in ("task", "loss held-in", "EM held-in", "loss held-out", "EM held-out"):
         table.add_column(column, justify="left" if column == "task" else "right")
+    names = list(results)
     for task, groups in results.items():
         cells = []
         for group, _ in GROUPS:
@@ -104,12 +107,12 @@ def print_table(results: dict, step: int, console: Console | None = None) -> Non
                 cells += [f"{groups[group]['loss']:.3f}", f"{100 * groups[group]['exact_match']:.1f}%"]
             else:
                 cells += ["-", "-"]
-        table.add_row(task, *cells, end_section=task == list(results)[-2])
+        if not groups and task != "mean":
+            cells[0] = "no validation examples"
+        table.add_row(task, *cells, end_section=len(names) > 1 and task == names[-2])
     (console or Console()).print(table)
 
 
 def save_results(results: dict, step: int, workdir: Path) -> None:
-    out = Path(workdir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     for name in (f"results_step{step}.json", "results.json"):
-        (out / name).write_text(json.dumps({"step": step, "results": results}, indent=2) + "\n")
+        atomic_write_json(Path(workdir) / "eval" / name, {"step": step, "results": results})

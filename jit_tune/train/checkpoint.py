@@ -2,21 +2,39 @@
 every data stream's position, so that a resume continues with exactly the next batch.
 
 Saves are atomic (Orbax writes to a temporary directory and renames it), so an
-interrupted save never replaces the last good checkpoint.
+interrupted save never replaces the last good checkpoint, and a state that is not
+finite is never saved: the loss of step N is computed before update N, so a finite
+loss can come with an update that leaves NaN or inf parameters.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jit_tune.config import ConfigError
+from jit_tune.config import ConfigError, config_to_dict
 from jit_tune.data.streams import StreamsRestore, StreamsSave, saved_stream_count
+
+
+class NonFiniteState(FloatingPointError):
+    pass
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def all_finite(tree) -> bool:
+    """Whether every float in a (possibly multi-host) tree of arrays is finite."""
+    return bool(np.asarray(_all_finite(tree).addressable_data(0)))
 
 
 class Checkpointer:
@@ -34,12 +52,20 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_iterator) -> None:
+        """Save `step`, unless its state holds a NaN or inf (NonFiniteState: the last
+        good checkpoint stays the latest)."""
         state = {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+        if not all_finite(state):
+            good = self.latest_step()
+            raise NonFiniteState(
+                f"step {step}: the parameters or optimizer state are not finite after the update (the update "
+                f"diverged, e.g. from too high a learning rate); not saved: "
+                + (f"the last good checkpoint, step {good}, is kept" if good is not None else "no checkpoint was saved"))
         items = {"state": ocp.args.StandardSave(state), "data": StreamsSave(data_iterator)}
         if self.config is not None:
             # The data order and initialization derive from config.seed; the step draws no
             # random numbers, so the config is the whole of the run's RNG state.
-            run = {"config": json.loads(json.dumps(self.config.to_dict(), default=list)),
+            run = {"config": config_to_dict(self.config),
                    "process_count": jax.process_count(), "device_count": jax.device_count()}
             items["run"] = ocp.args.JsonSave(run)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)

@@ -1,42 +1,73 @@
 """The training loop: one path from a laptop CPU to a pod.
 
-Resume order, when the workdir holds a checkpoint: tokenizer (workdir/tokenizer), then
-params, optimizer state and step, then the data iterator position, all from the latest
+Resume order, when the workdir holds a checkpoint: the config is checked against the
+checkpoint's (train/resume.py), then the tokenizer (workdir/tokenizer), params,
+optimizer state and step, then the data iterator position, all from the latest
 complete checkpoint. Running the same command again therefore continues exactly.
+
+Nothing is written to the workdir before the run is accepted: config.json (and, on a
+first run, the tokenizer) are written, atomically, once the checkpoint is restored and
+the state created, so a rejected command leaves a good workdir as it was.
 """
 
 from __future__ import annotations
 
-import collections
-import time
+import json
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 from ml_collections import ConfigDict
-from tqdm import tqdm
 
 from jit_tune import mesh as mesh_lib
-from jit_tune.config import ConfigError, save_config
-from jit_tune.data.pipeline import mixture_rates, run_tokenizer, train_dataset
-from jit_tune.data.tasks import SKIPPED
+from jit_tune.config import ConfigError, config_to_dict, save_config
+from jit_tune.data.pipeline import DROP_REASONS, mixture_rates, run_tokenizer, train_dataset
+from jit_tune.data.tokenizer import save_tokenizer
 from jit_tune.eval import evaluator
+from jit_tune.files import written_by_main
 from jit_tune.train.checkpoint import Checkpointer
-from jit_tune.train.metrics import MetricsWriter
+from jit_tune.train.metrics import MetricsWriter, Progress, Throughput
 from jit_tune.train.optimizer import learning_rate_schedule
-from jit_tune.train.preemption import Preempted, PreemptionWatch
+from jit_tune.train.preemption import SIGNALS, Preempted
+from jit_tune.train.resume import ResumeError, check_resume
 from jit_tune.train.state import create_model_and_optimizer
 from jit_tune.train.step import train_step
+
+
+def status(message: str) -> None:
+    """A line for the log (process 0, stderr): what the run is doing now."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def saved_config(checkpointer: Checkpointer, step: int, workdir: Path) -> dict | None:
+    """The config the checkpoint at `step` was trained with (or, for checkpoints that
+    predate recording it, the workdir's config.json)."""
+    try:
+        return checkpointer.saved_run(step)["config"]
+    except (FileNotFoundError, KeyError, ValueError):
+        path = workdir / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
 
 def setup(config: ConfigDict, workdir: Path):
     """Tokenizer, mesh, model, optimizer, data iterator and checkpointer, restored from
     the latest checkpoint when there is one. Returns them with the step to start at."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        save_config(config, workdir / "config.json")
     d = config.data
-    tokenizer = run_tokenizer(config, workdir)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.train.keep_every,
+                                config)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        saved = saved_config(checkpointer, start_step, workdir)
+        try:
+            changes = check_resume(saved, config_to_dict(config), f"{workdir}/checkpoints/{start_step}") if saved else []
+        except ResumeError as e:
+            raise ConfigError(str(e)) from None
+        status(f"Resuming {workdir} at step {start_step}" + (
+            " with these config changes (applied):\n  " + "\n  ".join(changes) if changes else ""))
+    status("Building the tokenizer" if not start_step else "Reading the tokenizer")
+    tokenizer = run_tokenizer(config, workdir if start_step else None)
     if len(tokenizer) > config.model.vocab_size:
         raise ConfigError(
             f"config.model.vocab_size = {config.model.vocab_size}: expected at least the tokenizer's "
@@ -44,19 +75,21 @@ def setup(config: ConfigDict, workdir: Path):
         )
     mesh = mesh_lib.make_mesh(config)
     mesh_lib.check_batch_divides(d.batch_size, mesh, config.train.microbatches)
-    checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.train.keep_every,
-                                config)
-    start_step = checkpointer.latest_step() or 0
-    dropped = collections.Counter()
     streams = checkpointer.stream_count(start_step) if start_step else None  # kept across process counts
     if streams and d.streams and d.streams != streams:
         raise ConfigError(f"config.data.streams = {d.streams}, but the checkpoint at step {start_step} in "
                           f"{workdir} has {streams} data streams: set it to {streams}, or 0 to follow the checkpoint")
-    data_iterator = iter(train_dataset(config, tokenizer, jax.process_index(), jax.process_count(), dropped, streams))
+    data_iterator = iter(train_dataset(config, tokenizer, jax.process_index(), jax.process_count(), streams))
+    status(f"Restoring step {start_step}" if start_step else "Creating the model")
     model, optimizer = create_model_and_optimizer(config, mesh, abstract=start_step > 0)
     if start_step:
         checkpointer.restore(start_step, model, optimizer, data_iterator)
-    return tokenizer, mesh, model, optimizer, data_iterator, dropped, checkpointer, start_step
+    with written_by_main("config") as writer:  # the run is accepted: record it
+        if writer:
+            if not start_step:
+                save_tokenizer(tokenizer, workdir)
+            save_config(config, workdir / "config.json")
+    return tokenizer, mesh, model, optimizer, data_iterator, checkpointer, start_step
 
 
 def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = None) -> dict | None:
@@ -67,88 +100,101 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     without changing the schedule; it returns None.
     """
     workdir = Path(workdir)
-    tokenizer, mesh, model, optimizer, data_iterator, dropped, checkpointer, step = setup(config, workdir)
+    SIGNALS.install()
+    SIGNALS.stop_requested = SIGNALS.save_requested = False
+    with SIGNALS.in_phase("startup"):
+        workdir.mkdir(parents=True, exist_ok=True)
+        tokenizer, mesh, model, optimizer, data_iterator, checkpointer, step = setup(config, workdir)
     t = config.train
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, step)
     schedule = learning_rate_schedule(config)
     is_main = jax.process_index() == 0
-    if step and is_main:
-        print(f"Resumed from {workdir / 'checkpoints'} at step {step}")
-    progress = tqdm(total=t.steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True)
+    progress = Progress(t.steps, step, enabled=is_main)
     # One step stays in flight: the host waits for step t only after dispatching step
-    # t+1 (and reading its batch), so it never stalls the device, and the progress bar
-    # counts finished steps rather than queued ones.
+    # t+1 (and reading its batch), so it never stalls the device, and progress counts
+    # finished steps rather than queued ones.
     in_flight = None
-    throughput = _Throughput()
-    guard = _NonfiniteGuard(t.on_nonfinite == "skip", t.max_skipped_steps)
-    data_stats = _DataStats(list(mixture_rates(config)), dropped)
+    throughput = Throughput()
+    guard = _NonfiniteGuard(t.on_nonfinite == "skip", t.max_skipped_steps, progress)
+    data_stats = _DataStats(list(mixture_rates(config)))
     last_step = min(t.steps, stop_at_step or t.steps)
+    first_step = step + 1
+
+    def finish(pending) -> None:
+        step_done, metrics, tokens, counts, log = pending
+        loss = float(metrics["loss"])  # blocks until the step is done
+        if step_done == first_step:  # its time is mostly compilation
+            throughput.restart()
+        else:
+            throughput.add(tokens)
+        data_stats.add(counts)
+        progress.update(1)
+        guard.check(step_done, loss)
+        if log:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if guard.skipped:
+                values["skipped_steps"] = guard.skipped
+            values.update(lr=float(schedule(step_done - 1)), tokens_per_sec=throughput.take(), **data_stats.take())
+            writer.write(step_done, values)
+            progress.log(values)
+
     try:
-        with mesh_lib.use_mesh(config, mesh), PreemptionWatch() as preemption:
+        with mesh_lib.use_mesh(config, mesh), SIGNALS.in_phase("training"):
+            if step < last_step:
+                status(f"Training from step {step} to {last_step}")
             while step < last_step:
-                save_now, stop_now = preemption.poll(step)
+                save_now, stop_now = SIGNALS.poll(step)
                 if save_now:
                     if in_flight is not None:
-                        _finish(*in_flight, writer, progress, schedule, throughput, guard, data_stats)
+                        finish(in_flight)
                         in_flight = None
-                    if checkpointer.latest_step() != step:
+                    # SIGTERM before this process took a step has nothing new to save.
+                    if checkpointer.latest_step() != step and not (stop_now and step == first_step - 1):
                         checkpointer.save(step, model, optimizer, data_iterator)
+                        progress.write(f"step {step}: saved a checkpoint" + ("" if stop_now else " on demand (SIGUSR1)"))
                     if stop_now:
                         checkpointer.wait()
-                        raise Preempted(step)
-                    tqdm.write(f"step {step}: saved a checkpoint on demand (SIGUSR1)")
+                        raise Preempted(step, saved=checkpointer.latest_step() == step)
                 local = next(data_iterator)
                 # Counted now, added to the logged windows when the step finishes.
                 counts = data_stats.count(local)
                 tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+                if step == first_step - 1:
+                    progress.write("Compiling the train step (the first step)")
                 metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh), t.microbatches)
                 step += 1
                 if in_flight is not None:
-                    _finish(*in_flight, writer, progress, schedule, throughput, guard, data_stats)
+                    finish(in_flight)
                 in_flight = (step, metrics, tokens, counts, step % t.log_every == 0 or step == last_step)
                 if step % t.checkpoint_every == 0 or step == last_step:
                     # Checked before saving, so a non-finite loss never reaches a checkpoint.
-                    _finish(*in_flight, writer, progress, schedule, throughput, guard, data_stats)
+                    finish(in_flight)
                     in_flight = None
                     checkpointer.save(step, model, optimizer, data_iterator)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
-                    _evaluate(model, tokenizer, config, step, workdir, writer)
+                    with SIGNALS.in_phase("eval"), throughput.excluded():
+                        _evaluate(model, tokenizer, config, step, workdir, writer, progress)
             progress.close()
             checkpointer.wait()
-            if SKIPPED.count and is_main:
-                reasons = "\n  ".join(SKIPPED.reasons)
-                print(f"Skipped {SKIPPED.count} bad records (data.on_bad_record = 'skip'); the first:\n  {reasons}")
-            if step < t.steps:
-                return None
-            return _evaluate(model, tokenizer, config, step, workdir, writer)
+            if data_stats.bad_records:
+                status(f"Skipped {data_stats.bad_records} bad records (data.on_bad_record = 'skip'); the first "
+                       "reasons are in the log above")
+        if step < t.steps:
+            return None
+        with mesh_lib.use_mesh(config, mesh), SIGNALS.in_phase("final_eval"):
+            return _evaluate(model, tokenizer, config, step, workdir, writer, progress)
     finally:
         progress.close()
         checkpointer.close()
         writer.close()
 
 
-class _Throughput:
-    """Non-padding tokens per second over the steps finished since the last report."""
-
-    def __init__(self):
-        self.tokens, self.start = 0, time.perf_counter()
-
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-
-    def take(self) -> float:
-        now = time.perf_counter()
-        rate = self.tokens / max(now - self.start, 1e-9)
-        self.tokens, self.start = 0, now
-        return rate
-
-
 class _NonfiniteGuard:
     """A non-finite loss stops the run, or (train.on_nonfinite = "skip") counts as a
     skipped step, whose update the optimizer dropped, up to max_skipped_steps in a row."""
 
-    def __init__(self, skip: bool, max_skipped: int):
-        self.skip, self.max_skipped = skip, max_skipped
+    def __init__(self, skip: bool, max_skipped: int, progress: Progress):
+        self.skip, self.max_skipped, self.progress = skip, max_skipped, progress
         self.skipped = self.in_a_row = 0
 
     def check(self, step: int, loss: float) -> None:
@@ -163,26 +209,29 @@ class _NonfiniteGuard:
             raise FloatingPointError(
                 f"step {step}: loss is {loss} for {self.in_a_row} steps in a row (train.max_skipped_steps = "
                 f"{self.max_skipped}); stopping (the last good checkpoint is kept)")
-        tqdm.write(f"step {step}: loss is {loss}; its update was skipped (train.on_nonfinite = 'skip')")
+        self.progress.write(f"step {step}: loss is {loss}; its update was skipped (train.on_nonfinite = 'skip')")
 
 
 class _DataStats:
     """What this process's rows held since the last report: each task's share of the
     examples that start in them (the mixture as trained, beside the configured rates),
-    the share of real tokens, examples per row, and truncated and dropped examples."""
+    the share of real tokens, examples per row, truncated examples, and the examples
+    left out before them (counted where they were rendered, workers included)."""
 
-    def __init__(self, tasks: list[str], dropped: collections.Counter):
-        self.tasks, self.dropped = tasks, dropped  # the pipeline's running count
-        # [examples of task 0..n-1, real tokens, token slots, rows, truncated examples]
-        self.counts = np.zeros(len(tasks) + 4, np.int64)
+    def __init__(self, tasks: list[str]):
+        self.tasks = tasks
+        # [examples of task 0..n-1, real tokens, token slots, rows, truncated, dropped by reason...]
+        self.counts = np.zeros(len(tasks) + 4 + len(DROP_REASONS), np.int64)
+        self.bad_records = 0
 
     def count(self, local: dict[str, np.ndarray]) -> np.ndarray:
         """This batch's counts; pops the host-side features."""
         task_ids, truncated = local.pop("task_ids"), local.pop("truncated")
+        dropped = [int(local.pop(f"dropped_{reason}").sum()) for reason in DROP_REASONS]
         starts = (local["positions"] == 0) & (local["segment_ids"] > 0)
         per_task = np.bincount(task_ids[starts], minlength=len(self.tasks) + 1)[1:]
         real = int((local["segment_ids"] > 0).sum())
-        return np.concatenate([per_task, [real, task_ids.size, len(task_ids), int(truncated[starts].sum())]])
+        return np.concatenate([per_task, [real, task_ids.size, len(task_ids), int(truncated[starts].sum())], dropped])
 
     def add(self, counts: np.ndarray) -> None:
         self.counts += counts
@@ -190,35 +239,21 @@ class _DataStats:
     def take(self) -> dict[str, float]:
         n = len(self.tasks)
         examples = int(self.counts[:n].sum())
-        real, slots, rows, truncated = (int(c) for c in self.counts[n:])
+        real, slots, rows, truncated = (int(c) for c in self.counts[n:n + 4])
+        dropped = dict(zip(DROP_REASONS, (int(c) for c in self.counts[n + 4:])))
+        self.bad_records += dropped["bad_record"]
         stats = {f"mixture/{t}": self.counts[i] / max(examples, 1) for i, t in enumerate(self.tasks)}
         stats.update({"data/packing_efficiency": real / max(slots, 1), "data/examples_per_row": examples / max(rows, 1),
-                      "data/truncated": truncated, "data/dropped_too_long": self.dropped["too_long"],
-                      "data/dropped_no_trained_token": self.dropped["no_trained_token"]})
+                      "data/truncated": truncated, "data/dropped_too_long": dropped["too_long"],
+                      "data/dropped_no_trained_token": dropped["no_trained_token"],
+                      "data/skipped_bad_records": dropped["bad_record"]})
         self.counts[:] = 0
         return stats
 
 
-def _finish(step: int, metrics, tokens: int, counts: np.ndarray, log: bool, writer: MetricsWriter,
-            progress: tqdm, schedule, throughput: _Throughput, guard: _NonfiniteGuard, data_stats: _DataStats) -> None:
-    """Wait for a dispatched step; check and log its metrics on logging steps."""
-    loss = float(metrics["loss"])  # blocks until the step is done
-    throughput.add(tokens)
-    data_stats.add(counts)
-    progress.update(1)
-    guard.check(step, loss)
-    if log:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if guard.skipped:
-            values["skipped_steps"] = guard.skipped
-        if SKIPPED.count:
-            values["skipped_records"] = SKIPPED.count
-        values.update(lr=float(schedule(step - 1)), tokens_per_sec=throughput.take(), **data_stats.take())
-        writer.write(step, values)
-        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_sec']:,.0f}")
-
-
-def _evaluate(model, tokenizer, config: ConfigDict, step: int, workdir: Path, writer: MetricsWriter) -> dict:
+def _evaluate(model, tokenizer, config: ConfigDict, step: int, workdir: Path, writer: MetricsWriter,
+              progress: Progress) -> dict:
+    progress.write(f"Evaluating at step {step}")
     results = evaluator.evaluate(model, tokenizer, config)
     if jax.process_index() == 0:
         evaluator.print_table(results, step)

@@ -1,65 +1,110 @@
-"""Preemption: SIGTERM, which TPU maintenance events, GKE and SLURM send before they kill
-a job, asks for a checkpoint at the next step boundary and a clean exit with
-EXIT_PREEMPTED, so the launcher can requeue and the rerun resumes there. SIGUSR1 asks
-for a checkpoint at the next step boundary and training goes on.
+"""SIGTERM and SIGUSR1, handled in every phase of every command.
 
-Hosts get the signal at slightly different moments; they agree on the step to stop at
-by an all-gather of the flags every AGREE_EVERY steps (multi-process runs only), so
-every process saves the same step.
+The handlers are installed when the process starts (`install`, from the CLI; `train`
+installs them too for API users) and act by phase:
+
+  phase        SIGTERM (preemption: TPU maintenance, GKE, SLURM)     SIGUSR1 (save on demand)
+  startup      stop now, exit 75: no step was taken since the last    save at the first step
+               checkpoint, so there is nothing to save (tokenizer,    boundary
+               restore, model creation)
+  training     save at the next step boundary, exit 75 (the first    save at the next step
+               step's compile included)                               boundary, go on
+  eval         (a periodic evaluation) noted, then as in training     as in training
+  final_eval   stop now, exit 75: the final checkpoint is already    nothing to save: noted
+               saved; rerunning evaluates it                          on stderr, go on
+  command      (eval, export, generate, data, compile) stop now,     nothing to save: noted
+               exit 75; files are written atomically, so nothing      on stderr, go on
+               is left half-written
+
+Hosts get the signal at slightly different moments; in training they agree on the step
+to stop at by an all-gather of the flags every AGREE_EVERY steps (multi-process runs
+only), so every process saves the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import threading
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again". Distinct from a crash
 # (1), a user error (2) and a diverged run (3), so requeue policies can match it.
 EXIT_PREEMPTED = 75
 AGREE_EVERY = 10  # steps between the processes' agreement on a signal
+PHASES = ("startup", "training", "eval", "final_eval", "command")
+_DEFERRED = ("training", "eval")  # phases where SIGTERM waits for a step boundary
 
 
 class Preempted(Exception):
-    """The run stopped on SIGTERM after saving a checkpoint at `step`."""
+    """The run stopped on SIGTERM at `step`, with a checkpoint there (`saved`: saved now;
+    else there was one, or the run had not begun)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"preempted (SIGTERM): saved a checkpoint at step {step}; run the same command to resume")
+    def __init__(self, step: int, saved: bool = True):
+        what = "saved a checkpoint at" if saved else "nothing new to save at"
+        super().__init__(f"preempted (SIGTERM): {what} step {step}; run the same command to resume")
         self.step = step
 
 
-class PreemptionWatch:
-    """Signal handlers for the duration of a run (a context manager): SIGTERM asks to save
-    and stop, SIGUSR1 to save and go on (a checkpoint on demand)."""
+class Interrupted(BaseException):
+    """SIGTERM in a phase with nothing to save: the command stops at once. A
+    BaseException, like KeyboardInterrupt, so that no library's `except Exception`
+    swallows it."""
+
+    def __init__(self, phase: str):
+        what = {"startup": "during start-up, before any new step; nothing was lost",
+                "final_eval": "during the final evaluation; the final checkpoint is saved, and running the same "
+                              "command evaluates it",
+                "command": "before it finished; no file was left half-written"}[phase]
+        super().__init__(f"stopped by SIGTERM {what}")
+        self.phase = phase
+
+
+class Signals:
+    """The process's signal state: the phase, and requests waiting for a step boundary."""
 
     def __init__(self):
+        self.phase = "command"
         self.stop_requested = self.save_requested = False
-        self._previous = {}
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for signum in (signal.SIGTERM, signal.SIGUSR1):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
+    def install(self) -> None:
+        """Set the handlers (signals reach the main thread only). Called again once JAX's
+        distributed runtime has started: it installs a SIGTERM handler of its own."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGUSR1, self._handle)
 
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+    @contextlib.contextmanager
+    def in_phase(self, phase: str):
+        assert phase in PHASES, phase
+        previous, self.phase = self.phase, phase
+        try:
+            yield self
+        finally:
+            self.phase = previous
 
     def _handle(self, signum, frame) -> None:
+        deferred = self.phase in _DEFERRED
         if signum == signal.SIGTERM:
+            if not deferred:
+                raise Interrupted(self.phase)
             self.stop_requested = True
-        else:
+        elif deferred or self.phase == "startup":
             self.save_requested = True
+        else:
+            print(f"jit-tune: SIGUSR1 ({self.phase.replace('_', ' ')}): nothing to save", file=sys.stderr, flush=True)
 
     def poll(self, step: int) -> tuple[bool, bool]:
         """(save now, then stop), agreed by every process: a request on any process
         counts for all, so they save the same step. Across processes the agreement is a
         collective that waits for the devices, so it runs every AGREE_EVERY steps only
         (well inside the tens of seconds schedulers give between SIGTERM and kill)."""
+        import jax  # not at import time: the CLI installs the handlers before loading JAX
+        from jax.experimental import multihost_utils
+
         if jax.process_count() == 1:
             flags = (self.save_requested or self.stop_requested, self.stop_requested)
         elif step % AGREE_EVERY == 0:
@@ -69,3 +114,6 @@ class PreemptionWatch:
             return False, False
         self.save_requested = False
         return bool(flags[0]), bool(flags[1])
+
+
+SIGNALS = Signals()

@@ -17,7 +17,10 @@ from jit_tune.train.optimizer import make_optimizer
 
 def decoder_config(config: ConfigDict) -> DecoderConfig:
     fields = {f.name for f in dataclasses.fields(DecoderConfig)}
-    return DecoderConfig(**{k: v for k, v in config.model.to_dict().items() if k in fields})
+    values = {k: v for k, v in config.model.to_dict().items() if k in fields}
+    if "max_position_embeddings" in fields:  # a model trained from scratch serves what it was trained on
+        values["max_position_embeddings"] = config.model.max_position_embeddings or config.data.seq_len
+    return DecoderConfig(**values)
 
 
 def create_model_and_optimizer(config: ConfigDict, mesh: Mesh, abstract: bool = False):

@@ -1,0 +1,98 @@
+"""Files a command leaves behind are whole or absent, and written by one process.
+
+Every file and directory in a workdir (config, tokenizer, eval results, exports) is
+written to a temporary name next to its destination and renamed into place, so a kill
+at any moment leaves either the old version or the new one, never half of one. In a
+multi-process run only process 0 writes shared files; `written_by_main` makes the
+others wait until the files exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+from jax.experimental import multihost_utils
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Temporary siblings of `path` left by processes that were killed while writing."""
+    for leftover in path.parent.glob(f".{path.name}.*-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary(path)
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary directory to fill; on success it replaces `path` (an existing
+    one is moved aside first and removed only once the new one is in place); on an
+    error it is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(path)
+    temporary = _temporary(path)
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(temporary, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def written_by_main(name: str) -> Iterator[bool]:
+    """`with written_by_main("tokenizer") as writer: if writer: ...write...`: process 0
+    writes, and no process leaves the block before the files exist."""
+    try:
+        yield is_main_process()
+    finally:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jit_tune: {name} written")

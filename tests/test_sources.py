@@ -3,12 +3,18 @@ input names the file, line and field."""
 
 import gzip
 import json
+import logging
+import os
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from jit_tune.data.formats import to_conversation
 from jit_tune.data.sources import SourceError, open_source, task_directory
+from jit_tune.data.tasks import file_tasks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -47,6 +53,39 @@ def test_bad_jsonl_line_is_named(tmp_path, line, message):
         source[1]
 
 
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz"])
+def test_byte_order_mark_and_crlf_line_endings_are_accepted(tmp_path, name):
+    records = [{"prompt": f"p{i}", "completion": "é"} for i in range(3)]
+    data = ("\ufeff" + "".join(json.dumps(r) + "\r\n" for r in records)).encode()
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    source = open_source(str(tmp_path / name))
+    assert [source[i] for i in range(len(source))] == [
+        {**r, "_where": f"{tmp_path / name}:{i + 1}"} for i, r in enumerate(records)]
+    (tmp_path / "bom_only.jsonl").write_bytes(b"\xef\xbb\xbf\r\n")
+    with pytest.raises(SourceError, match="bom_only.jsonl: empty file"):
+        open_source(str(tmp_path / "bom_only.jsonl"))
+
+
+# The column is the 1-based character column of the line as an editor shows it: a BOM
+# and the line ending are not characters of the record, a multi-byte character is one.
+@pytest.mark.parametrize("text, where, error", [
+    ('{"a": 1}\n{"prompt": "x", \n', 2, "Expecting property name enclosed in double quotes at column 17"),
+    ('{"a": 1}\r\n{"prompt": "x", \r\n', 2, "Expecting property name enclosed in double quotes at column 17"),
+    ('{"a": 1}\n{"prompt": "日本語", \n', 2, "Expecting property name enclosed in double quotes at column 19"),
+    ('{"a": 1}\n{"prompt": "héllo 🦉", "completion": oops}\n', 2, "Expecting value at column 37"),
+    ('{"a": 1}\n  {"prompt": 1,}\n', 2, "Expecting property name enclosed in double quotes at column 16"),
+    ('{"a": 1}\n{"prompt": "unterminated\n', 2, "Unterminated string starting at column 12"),
+    ('\ufeff{"prompt": x}\r\n', 1, "Expecting value at column 12"),
+])
+def test_malformed_json_names_the_column_in_the_line(tmp_path, text, where, error):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(text.encode())
+    source = open_source(str(path))
+    with pytest.raises(SourceError) as raised:
+        source[where - 1]
+    assert str(raised.value) == f"{path}:{where}: malformed JSON ({error})"
+
+
 def test_undecodable_text_and_empty_files_are_named(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_bytes(b'{"prompt": "\xff\xfe"}\n')
@@ -75,6 +114,100 @@ def test_parquet_reads_across_row_groups(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"garbage")
     with pytest.raises(SourceError, match="bad.parquet: not a readable Parquet file"):
         open_source(str(tmp_path / "bad.parquet"))
+
+
+def _parquet(path: Path, rows: int, group: int, tag: str = "o") -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": [f"{tag}{k} " * 8 for k in range(rows)], "n": list(range(rows)),
+                      "tags": [[f"t{k % 3}"] * (k % 4) for k in range(rows)],
+                      "maybe": [None if k % 5 == 0 else k / 2 for k in range(rows)]})
+    pq.write_table(table, path, row_group_size=group)
+    return path
+
+
+def test_parquet_random_order_reads_match_pyarrow(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = _parquet(tmp_path / "a.parquet", rows=1000, group=128)
+    assert pq.ParquetFile(path).num_row_groups == 8
+    expected = pq.read_table(path).to_pylist()
+    source = open_source(str(path))
+    assert len(source) == 1000
+    for k in np.random.default_rng(0).permutation(1000):
+        assert source[int(k)] == {**expected[k], "_where": f"{path} row {k}"}
+
+
+def test_parquet_shuffled_read_decodes_one_row_not_its_row_group(tmp_path):
+    # A record read from a fresh row group must not build the group's 10k rows (megabytes
+    # of Python objects); one row is a few hundred bytes.
+    path = _parquet(tmp_path / "a.parquet", rows=40_000, group=10_000)
+    source = open_source(str(path))
+    tracemalloc.start()
+    try:
+        peaks = []
+        for k in (35_123, 2_000, 27_777, 11_111):
+            tracemalloc.reset_peak()
+            source[k]
+            peaks.append(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+    assert max(peaks) < 64 * 1024, peaks
+
+
+def test_parquet_changed_file_is_read_again(tmp_path):
+    path = _parquet(tmp_path / "a.parquet", rows=10, group=3, tag="old")
+    assert open_source(str(path))[4]["text"].startswith("old4")
+    _parquet(path, rows=10, group=3, tag="new")  # same size: only the mtime tells them apart
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert open_source(str(path))[4]["text"].startswith("new4")
+    _parquet(path, rows=12, group=5)
+    source = open_source(str(path))
+    assert len(source) == 12 and source[11]["n"] == 11
+
+
+def test_parquet_source_pickles_without_its_data(tmp_path):
+    import pickle
+
+    source = open_source(str(_parquet(tmp_path / "a.parquet", rows=5000, group=1000)))
+    copy = pickle.loads(pickle.dumps(source))
+    assert len(pickle.dumps(source)) < 2000 and copy[4321] == source[4321]
+
+
+def _task_config(tasks: dict, task_dirs: dict) -> ConfigDict:
+    return ConfigDict({"seed": 0, "data": {"tasks": tasks, "task_dirs": task_dirs, "validation_share": 0.0,
+                                           "on_bad_record": "error"}})
+
+
+def test_empty_template_files_in_a_task_directory_are_skipped_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "t0"
+    for task in ("news", "all_empty", "qa"):
+        (root / task).mkdir(parents=True)
+    record = {"prompt": "Q", "completion": "A"}
+    _jsonl(root / "news" / "classify.jsonl", [record] * 3)
+    (root / "news" / "blank.jsonl").write_text("")
+    (root / "news" / "blank_gz.jsonl.gz").write_bytes(gzip.compress(b"\n\n"))
+    (root / "all_empty" / "one.jsonl").write_text("")
+    (root / "all_empty" / "two.jsonl").write_text("\n")
+    _jsonl(root / "qa" / "answer.jsonl", [record] * 2)
+    with caplog.at_level(logging.WARNING, logger="jit_tune.data.tasks"):
+        tasks = file_tasks(_task_config({}, {"t0": {"path": str(root)}}))
+    assert sorted(tasks) == ["t0/news", "t0/qa"]
+    assert [template for template, _ in tasks["t0/news"].templates] == ["classify"]
+    assert tasks["t0/news"].size("train") == 3 and tasks["t0/qa"].size("train") == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for path in ("news/blank.jsonl", "news/blank_gz.jsonl.gz", "all_empty/one.jsonl", "all_empty/two.jsonl"):
+        assert any(f"{root / path}: empty template file, skipped" in m for m in warned), (path, warned)
+    assert any(f"{root / 'all_empty'}: every template file is empty, task t0/all_empty skipped" in m
+               for m in warned), warned
+
+
+def test_an_empty_standalone_task_file_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SourceError, match="empty.jsonl: empty file"):
+        file_tasks(_task_config({"say": {"path": str(tmp_path / "empty.jsonl")}}, {}))
 
 
 def test_hf_datasets_from_disk_and_from_local_files(tmp_path):

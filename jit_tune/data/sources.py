@@ -3,18 +3,22 @@
 Each source is a Grain random-access data source (`len`, `[i]`) yielding plain dicts,
 so mixtures, per-host sharding and exact resume work the same for every format. Files
 are never loaded whole: JSONL is indexed by line offsets once and read line by line,
-Parquet by row group, and `datasets` memory-maps its Arrow files. Every record carries
-`_where` ("file:line" or "file row N"), so a later error can name where it came from.
+Parquet is converted once to a memory-mapped Arrow file, and `datasets` memory-maps its
+Arrow files. Every record carries `_where` ("file:line" or "file row N"), so a later
+error can name where it came from.
 """
 
 from __future__ import annotations
 
+import codecs
+import functools
 import gzip
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,10 @@ class SourceError(ValueError):
     """Bad input: the message names the file, the line (or row) and what was expected."""
 
 
+class EmptySourceError(SourceError):
+    """A file or dataset with no records (a task directory skips these; see tasks.py)."""
+
+
 class JsonlSource:
     """One JSON object per line. A .gz file is decompressed once into a cache file
     (gzip has no random access); the index holds one offset per line, not the data."""
@@ -34,9 +42,12 @@ class JsonlSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise SourceError(f"{self.path}: no such file")
-        self._file = _decompressed(self.path) if self.path.suffix == ".gz" else self.path
-        offsets, line_numbers, position = [], [], 0
+        self._file = _cached(self.path, "gunzip", _gunzip) if self.path.suffix == ".gz" else self.path
+        offsets, line_numbers = [], []
         with open(self._file, "rb") as f:
+            # A UTF-8 byte-order mark (Windows tools write one) is not part of the first record.
+            position = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+            f.seek(position)
             for number, line in enumerate(f, 1):
                 if line.strip():  # blank lines are not records
                     offsets.append(position)
@@ -45,7 +56,7 @@ class JsonlSource:
         self._offsets = np.asarray(offsets, np.int64)
         self._line_numbers = np.asarray(line_numbers, np.int64)
         if not len(self._offsets):
-            raise SourceError(f"{self.path}: empty file: expected one JSON object per line")
+            raise EmptySourceError(f"{self.path}: empty file: expected one JSON object per line")
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -60,9 +71,12 @@ class JsonlSource:
         except UnicodeDecodeError as e:
             raise SourceError(f"{where}: not valid UTF-8 (byte {e.start}): expected UTF-8 text") from None
         try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            # Parsed without its line ending: with it, an error at the end of the line (a
+            # truncated record) is placed past the newline, at "line 2, column 1".
+            record = json.loads(text.removesuffix("\n").removesuffix("\r"))
+        except json.JSONDecodeError as e:  # colno: 1-based, in characters (the text is decoded)
+            message = e.msg.removesuffix(" at")  # "Unterminated string starting at" + " at column"
+            raise SourceError(f"{where}: malformed JSON ({message} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise SourceError(f"{where}: a JSON {type(record).__name__}, expected an object")
         record["_where"] = where
@@ -72,25 +86,50 @@ class JsonlSource:
         return f"JsonlSource({str(self.path)!r})"
 
 
-def _decompressed(path: Path) -> Path:
+def _cached(path: Path, kind: str, write) -> Path:
+    """A file made from `path` by `write(path, out)` once, kept in the temp dir under a key
+    of the path, size and mtime, so a changed file is converted again, never served stale."""
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "jit_tune_gunzip" / f"{path.stem}.{key}"
+    cache = Path(tempfile.gettempdir()) / f"jit_tune_{kind}" / f"{path.stem}.{key}"
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.partial")
+        partial = cache.parent / f"{cache.name}.{os.getpid()}.partial"
         try:
-            with gzip.open(path, "rb") as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (OSError, EOFError) as e:
+            write(path, partial)
+        except BaseException:
             partial.unlink(missing_ok=True)
-            raise SourceError(f"{path}: not a readable gzip file ({e})") from None
+            raise
         partial.replace(cache)  # atomic: a concurrent reader never sees half a file
     return cache
 
 
+def _gunzip(path: Path, out: Path) -> None:
+    try:
+        with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (OSError, EOFError, zlib.error) as e:
+        raise SourceError(f"{path}: not a readable gzip file ({e})") from None
+
+
+def _parquet_to_arrow(parquet_file, path: Path, out: Path) -> None:
+    """One row group in memory at a time; uncompressed, so the result can be memory-mapped."""
+    import pyarrow as pa
+
+    try:
+        with pa.ipc.new_file(str(out), parquet_file.schema_arrow) as writer:
+            for group in range(parquet_file.num_row_groups):
+                writer.write_table(parquet_file.read_row_group(group))
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"{path}: not a readable Parquet file ({e})") from None
+
+
 class ParquetSource:
-    """Rows of a Parquet file, reading one row group at a time (the last one is kept)."""
+    """Rows of a Parquet file. Parquet decodes a row group (thousands of rows) at a time,
+    so shuffled reads straight from it cost a row group per record. Instead the file is
+    converted once into an uncompressed Arrow IPC file (see `_cached`) and memory-mapped:
+    a record costs a one-row slice in any order, and the data is paged in from that file
+    rather than held on the heap."""
 
     def __init__(self, path: str | Path):
         import pyarrow.parquet as pq
@@ -99,23 +138,33 @@ class ParquetSource:
         if not self.path.is_file():
             raise SourceError(f"{self.path}: no such file")
         try:
-            self._file = pq.ParquetFile(self.path)
+            parquet_file = pq.ParquetFile(self.path)
         except Exception as e:  # pyarrow raises several types for a corrupt file
             raise SourceError(f"{self.path}: not a readable Parquet file ({e})") from None
-        sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
-        self._starts = np.cumsum([0] + sizes)
-        if self._starts[-1] == 0:
-            raise SourceError(f"{self.path}: empty file: no rows")
-        self._cached = (None, None)
+        with parquet_file:
+            if parquet_file.metadata.num_rows == 0:
+                raise EmptySourceError(f"{self.path}: empty file: no rows")
+            self._arrow = _cached(self.path, "parquet", functools.partial(_parquet_to_arrow, parquet_file))
+        self._map()
+
+    def _map(self) -> None:
+        import pyarrow as pa
+
+        self._table = pa.ipc.open_file(pa.memory_map(str(self._arrow))).read_all()
+
+    def __getstate__(self) -> dict:
+        # Grain worker processes map the file themselves rather than unpickle a copy of the data.
+        return {"path": self.path, "_arrow": self._arrow}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._map()
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return self._table.num_rows
 
     def __getitem__(self, index: int) -> dict:
-        group = int(np.searchsorted(self._starts, index, side="right") - 1)
-        if self._cached[0] != group:
-            self._cached = (group, self._file.read_row_group(group).to_pylist())
-        record = dict(self._cached[1][index - self._starts[group]])
+        record = self._table.slice(int(index), 1).to_pylist()[0]
         record["_where"] = f"{self.path} row {index}"
         return record
 
@@ -143,7 +192,7 @@ class HFDatasetSource:
                 raise SourceError(f"{path}: no split {split!r}; expected one of {sorted(dataset)}")
             dataset = dataset[split]
         if len(dataset) == 0:
-            raise SourceError(f"{path}: empty dataset: no rows")
+            raise EmptySourceError(f"{path}: empty dataset: no rows")
         self._dataset = dataset
 
     def __len__(self) -> int:

@@ -67,8 +67,66 @@ def test_training_starts_from_a_hf_checkpoint(tmp_path):
     assert saved["model"]["init_from"] == str(hf_dir) and saved["model"]["d_model"] == 64
 
 
-def test_init_from_a_directory_without_config_is_a_clear_error(tmp_path):
+def _hf_dir(directory, tie=True):
+    """A small random Llama with the built-in tokenizer, saved as transformers saves it."""
+    from jit_tune.data.tokenizer import train_builtin_tokenizer
+
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(directory)
+    train_builtin_tokenizer(512, seed=0).save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("remove, missing", [
+    (("config.json", "model.safetensors", "tokenizer.json"), "config.json and weights and a tokenizer"),
+    (("model.safetensors",), "weights"),
+    (("tokenizer.json",), "a tokenizer"),
+])
+def test_init_from_a_directory_missing_parts_says_which(tmp_path, remove, missing):
     from jit_tune.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="command line --config.model.init_from=.*expected a Hugging Face model"):
+    _hf_dir(tmp_path)
+    for name in remove:
+        (tmp_path / name).unlink()
+    with pytest.raises(ConfigError, match=f"command line --config.model.init_from=.*: the directory lacks {missing};"):
         load_config("configs/tiny.py", [f"--config.model.init_from={tmp_path}"])
+
+
+def test_init_from_keeps_the_model_tokenizer_and_refuses_a_trained_bpe(tmp_path):
+    from jit_tune.config import ConfigError, load_config
+
+    _hf_dir(tmp_path)
+    with pytest.raises(ConfigError, match="config.data.tokenizer = 'bpe' with config.model.init_from"):
+        load_config("configs/tiny.py", [f"--config.model.init_from={tmp_path}", "--config.data.tokenizer=bpe"])
+    assert load_config("configs/tiny.py", [f"--config.model.init_from={tmp_path}"]).data.tokenizer == str(tmp_path)
+
+
+def test_init_from_a_workdir_says_to_export_it_first(tmp_path):
+    from jit_tune.config import ConfigError, load_config
+
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir),
+                 "--config.train.steps=2", "--config.optimizer.warmup_steps=0"]) == 0
+    with pytest.raises(ConfigError, match=f"is a jit-tune workdir; export it first .*--out {workdir}/hf"):
+        load_config("configs/tiny.py", [f"--config.model.init_from={workdir}"])
+
+
+def test_hf_weights_train_in_scanned_layers(tmp_path):
+    """configs/llama3_8b.py scans its layers and promises init_from: both at once work."""
+    from jit_tune.config import load_config
+    from jit_tune.train.loop import setup
+
+    reference = _hf_dir(tmp_path / "hf", tie=False)
+    config = load_config("configs/tiny.py:smoke", [f"--config.model.init_from={tmp_path / 'hf'}",
+                                                    "--config.model.scan_layers=True", "--config.train.steps=3"])
+    tokenizer, mesh, model, *_ = setup(config, tmp_path / "run")
+    ids = np.asarray([tokenizer("Sort these words: owl cake")["input_ids"]])
+    with torch.no_grad():
+        expected = reference(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(api.logits(model, ids)) - expected).max() < 1e-4
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(tmp_path / "run"),
+                 f"--config.model.init_from={tmp_path / 'hf'}", "--config.model.scan_layers=True",
+                 "--config.train.steps=3"]) == 0

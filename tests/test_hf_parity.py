@@ -4,6 +4,7 @@ Configs are the real architectures' config.json values scaled down in width and 
 keeping head_dim, the GQA ratio, rope settings, norms and biases.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -17,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from jit_tune.config import default_config  # noqa: E402
 from jit_tune.mesh import AXES, logical_rules  # noqa: E402
 from jit_tune.models import hf  # noqa: E402
-from jit_tune.models.loading import export_hf_decoder, load_hf_decoder  # noqa: E402
+from jit_tune.models.loading import decoder_config_from_hf_dir, export_hf_decoder, load_hf_decoder  # noqa: E402
 
 RULES = logical_rules(default_config())
 COMMON = dict(vocab_size=320, num_hidden_layers=2, intermediate_size=192, max_position_embeddings=4096)
@@ -67,9 +68,9 @@ FAMILIES = {
 }
 
 
-def _hf_model(family, directory):
+def _hf_model(family, directory, **overrides):
     config_class, fields = FAMILIES[family]
-    config = getattr(transformers, config_class)(**{**COMMON, **fields})
+    config = getattr(transformers, config_class)(**{**COMMON, **fields, **overrides})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # weights large enough that a layout slip shows in the logits
@@ -156,6 +157,51 @@ def test_unsupported_hf_field_is_an_error_naming_it():
     with pytest.raises(hf.HFConfigError, match="use_sliding_window = True"):
         hf.decoder_fields_from_hf({**config, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
                                    "sliding_window": 4096}, "x")
+
+
+@pytest.mark.parametrize("n_devices", [1, 8])
+def test_import_into_scanned_layers_matches_transformers(n_devices, tmp_path):
+    reference = _hf_model("llama3.1", tmp_path / "in")
+    config = dataclasses.replace(decoder_config_from_hf_dir(tmp_path / "in"), scan_layers=True)
+    ours = load_hf_decoder(tmp_path / "in", _mesh(jax.devices()[:n_devices]), RULES, config)
+    gate = ours.blocks.mlp.gate_DxF[...]
+    assert gate.shape == (2, 256, 192) and len(gate.sharding.device_set) == n_devices  # stacked, sharded
+    tokens = _tokens()
+    np.testing.assert_array_less(np.abs(_our_logits(ours, tokens) - _hf_logits(reference, tokens)).max(), 1e-4)
+
+
+def test_metadata_fields_of_real_checkpoints_do_not_block_an_import():
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+              "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 100, "hidden_act": "silu",
+              "max_position_embeddings": 8192}
+    # What a SmolLM2 config.json saved by transformers carries, and other PreTrainedConfig attributes.
+    metadata = {"unk_token_id": 0, "_name_or_path": "HuggingFaceTB/SmolLM2-135M", "is_decoder": False,
+                "tokenizer_class": "GPT2Tokenizer", "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                "temperature": 0.7, "max_length": 20, "torchscript": False, "add_cross_attention": False,
+                "pruned_heads": {}, "task_specific_params": None, "problem_type": None}
+    fields = hf.decoder_fields_from_hf({**config, **metadata}, "x")
+    assert fields["max_position_embeddings"] == 8192 and fields["d_model"] == 64
+    with pytest.raises(hf.HFConfigError, match=r"fields \['per_layer_config'\] are not supported"):
+        hf.decoder_fields_from_hf({**config, "per_layer_config": {"0": {"intermediate_size": 64}}}, "x")
+    with pytest.raises(hf.HFConfigError, match="add_cross_attention = True"):
+        hf.decoder_fields_from_hf({**config, "add_cross_attention": True}, "x")
+    with pytest.raises(hf.HFConfigError, match="partial_rotary_factor = 0.5"):
+        hf.decoder_fields_from_hf({**config, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                                 "partial_rotary_factor": 0.5}}, "x")
+
+
+@pytest.mark.parametrize("quantization, named", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+     r"\(bitsandbytes, load_in_4bit=True\)"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, r"\(gptq, bits=4\)"),
+])
+def test_quantized_checkpoint_is_a_clear_error(quantization, named):
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+              "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 100,
+              "quantization_config": quantization}
+    with pytest.raises(hf.HFConfigError, match=f"x: quantization_config: the weights are quantized {named}; "
+                                               "jit_tune reads unquantized floating-point safetensors.*dequantize"):
+        hf.decoder_fields_from_hf(config, "x")
 
 
 @pytest.mark.parametrize("family", ["llama3.2", "qwen3", "gemma3"])

@@ -58,6 +58,9 @@ class DecoderConfig:
     sliding_window: int = 0
     layer_types: tuple = ()  # per layer "full" or "sliding"; empty: all full
     rope_local_theta: float = 0.0
+    # The context length servers size their cache by (HF max_position_embeddings). Not used
+    # by the forward pass; carried so export writes it. 0: not known, not written.
+    max_position_embeddings: int = 0
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # stored parameters (and optimizer moments); float32 = master weights
     # Training recomputes each block's activations in the backward pass instead of keeping

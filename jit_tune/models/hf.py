@@ -11,6 +11,7 @@ block each local device holds, and only that block is read from the safetensors 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,13 +34,35 @@ FAMILIES = {
     "Gemma3ForCausalLM": "gemma3_text",
 }
 _GEMMA = ("gemma2", "gemma3_text")
-# Fields that describe the checkpoint but do not change the forward pass.
+# Fields that cannot change a decoder's forward pass: most are attributes every
+# transformers config carries (PreTrainedConfig, and its v4 predecessor PretrainedConfig).
+# Anything else is mapped below or an error.
 _METADATA = {
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
-    "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range", "use_cache",
-    "max_window_layers", "output_attentions", "output_hidden_states", "return_dict",
-    "_name_or_path", "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder",
-    "cache_implementation", "attn_implementation",
+    # Naming and bookkeeping.
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "_commit_hash", "tokenizer_class", "prefix", "use_bfloat16", "initializer_range",
+    # Special token ids: the tokenizer's business (export writes the tokenizer's).
+    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "cls_token_id",
+    "mask_token_id", "decoder_start_token_id",
+    # How transformers runs and what it returns, not what it computes (chunking the MLP
+    # over the sequence gives the same values).
+    "use_cache", "cache_implementation", "attn_implementation", "_attn_implementation_autoset",
+    "experts_implementation", "output_attentions", "output_hidden_states", "return_dict", "torchscript",
+    "chunk_size_feed_forward", "tie_last_hidden_states", "gradient_checkpointing", "tf_legacy_loss",
+    # Classification heads and fine-tuning tasks, not the causal LM head.
+    "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "task_specific_params",
+    # Encoder-decoder wiring a decoder-only *ForCausalLM does not read (add_cross_attention
+    # and pruned_heads could change it: checked below).
+    "is_encoder_decoder", "is_decoder", "tie_encoder_decoder", "cross_attention_hidden_size",
+    # Generation defaults of old configs (transformers now moves them to GenerationConfig).
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+    # Qwen: which layers use the window; read only with use_sliding_window, which is refused.
+    "max_window_layers",
 }
 
 
@@ -62,6 +85,9 @@ def _rope(hf: dict, source: str) -> dict:
     params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
     params.update({k: v for k, v in legacy.items() if k not in params})
     kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:  # transformers rotates only part of each head
+        raise HFConfigError(f"{source}: partial_rotary_factor = {params['partial_rotary_factor']}: jit_tune "
+                            "supports only 1.0 (rope over the whole head)")
     fields.update(rope_theta=float(params["rope_theta"]), rope_scaling=kind)
     if kind == "linear":
         fields["rope_factor"] = float(params["factor"])
@@ -79,6 +105,8 @@ def _rope(hf: dict, source: str) -> dict:
 
 def decoder_fields_from_hf(hf: dict, source: str) -> dict:
     """config.model fields for a HF config.json; an error for anything unsupported."""
+    if "quantization_config" in hf:
+        raise HFConfigError(f"{source}: {_quantization(hf['quantization_config'])}")
     archs = hf.get("architectures") or []
     family = FAMILIES.get(archs[0] if archs else "")
     if family is None:
@@ -97,6 +125,8 @@ def decoder_fields_from_hf(hf: dict, source: str) -> dict:
     expect("attention_dropout", lambda v: v == 0, "0.0 (no attention dropout)")
     expect("pretraining_tp", lambda v: v == 1, "1")
     expect("use_sliding_window", lambda v: not v, "false (Qwen's per-layer window switch is not implemented)")
+    expect("add_cross_attention", lambda v: not v, "false (no cross-attention)")
+    expect("pruned_heads", lambda v: not v, "{} (no pruned heads)")
     heads = hf["num_attention_heads"]
     gemma = family in _GEMMA
     fields = {
@@ -123,18 +153,30 @@ def decoder_fields_from_hf(hf: dict, source: str) -> dict:
     }
     if gemma:
         fields["tie_embeddings"] = bool(hf.get("tie_word_embeddings", True))
+    if hf.get("max_position_embeddings"):
+        fields["max_position_embeddings"] = int(hf["max_position_embeddings"])
     handled = {
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "head_dim", "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "rope_theta", "rope_scaling",
         "rope_parameters", "hidden_act", "mlp_bias", "attention_bias", "attention_dropout", "pretraining_tp",
         "sliding_window", "use_sliding_window", "hidden_activation", "use_bidirectional_attention",
         "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "layer_types",
-        "sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq",
+        "sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq", "max_position_embeddings",
+        "add_cross_attention", "pruned_heads",
     }
     unknown = sorted(set(hf) - handled - _METADATA)
     if unknown:
         raise HFConfigError(f"{source}: fields {unknown} are not supported by jit_tune's {family} implementation")
     return fields
+
+
+def _quantization(config: dict) -> str:
+    method = config.get("quant_method", "unknown method")
+    details = "".join(f", {k}={config[k]}" for k in ("bits", "load_in_4bit", "load_in_8bit", "fmt") if config.get(k))
+    return (f"quantization_config: the weights are quantized ({method}{details}); jit_tune reads unquantized "
+            "floating-point safetensors. Use the unquantized checkpoint, or dequantize first: in transformers, "
+            "model = AutoModelForCausalLM.from_pretrained(dir); model.dequantize(); "
+            "model.save_pretrained(new_dir), and import new_dir.")
 
 
 def _layer_types(hf: dict, family: str) -> dict:
@@ -156,8 +198,9 @@ def _layer_types(hf: dict, family: str) -> dict:
                                                                 for k in kinds)}
 
 
-def hf_config_from_decoder(config: DecoderConfig, family: str, special_ids: dict) -> dict:
-    """A config.json transformers loads as the same model."""
+def hf_config_from_decoder(config: DecoderConfig, family: str, special_ids: dict, dtype: str = "float32") -> dict:
+    """A config.json transformers loads as the same model; an error if `family` cannot
+    express `config` (transformers would build a different model from it)."""
     arch = {v: k for k, v in FAMILIES.items()}[family]
     rope = {"rope_type": config.rope_scaling, "rope_theta": config.rope_theta}
     if config.rope_scaling == "linear":
@@ -166,19 +209,27 @@ def hf_config_from_decoder(config: DecoderConfig, family: str, special_ids: dict
         rope.update(factor=config.rope_factor, low_freq_factor=config.rope_low_freq_factor,
                     high_freq_factor=config.rope_high_freq_factor,
                     original_max_position_embeddings=config.rope_original_max_position)
-    extra = {}
-    if config.layer_types:
-        extra["sliding_window"] = config.sliding_window
-        extra["layer_types"] = [f"{kind}_attention" for kind in config.layer_types]
-    if config.rope_local_theta:
+    if config.rope_local_theta and family == "gemma3_text":
         rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default",
                                                               "rope_theta": config.rope_local_theta}}
-    if family in _GEMMA:
+    extra = {}
+    if config.max_position_embeddings:  # else transformers' class default, which may be anything
+        extra["max_position_embeddings"] = config.max_position_embeddings
+    # Written whenever the config class has it, null when unused: an omitted window
+    # reloads as the class default (Mistral's: 4096).
+    if family != "llama":
+        extra["sliding_window"] = config.sliding_window if "sliding" in config.layer_types else None
+    if family in ("qwen2", "qwen3"):
+        extra["use_sliding_window"] = False
+    if family in _GEMMA:  # Gemma reads which layers are local from layer_types. Not Mistral:
+        # with layer_types, transformers builds a Ministral model instead.
+        kinds = config.layer_types or ("full",) * config.n_layers
+        extra["layer_types"] = [f"{kind}_attention" for kind in kinds]
         scalar = config.query_pre_attn_scalar or config.head_dim
         extra.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
                      attn_logit_softcapping=config.attn_softcap or None,
                      final_logit_softcapping=config.final_softcap or None)
-    return {
+    hf = {
         "architectures": [arch],
         "model_type": family,
         "vocab_size": config.vocab_size,
@@ -192,10 +243,26 @@ def hf_config_from_decoder(config: DecoderConfig, family: str, special_ids: dict
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "gelu_pytorch_tanh" if family in _GEMMA else "silu",
         "rope_parameters": rope,
-        "dtype": "float32",
+        "dtype": dtype,
         **extra,
         **special_ids,
     }
+    _check_expresses(config, hf, arch)
+    return hf
+
+
+def _check_expresses(config: DecoderConfig, hf: dict, arch: str) -> None:
+    """Read the written config.json back: every field must come back as it is."""
+    back = {"rope_local_theta": 0.0, **decoder_fields_from_hf(hf, f"the {arch} config.json of an export")}
+    ours = dataclasses.asdict(config)
+    for fields in (ours, back):  # the same model either way
+        fields["query_pre_attn_scalar"] = fields["query_pre_attn_scalar"] or config.head_dim
+        fields["layer_types"] = tuple(fields["layer_types"])
+        fields["sliding_window"] = fields["sliding_window"] if "sliding" in fields["layer_types"] else 0
+    lost = {k: (ours[k], v) for k, v in back.items() if ours[k] != v}
+    if lost:
+        raise HFConfigError(f"{arch} cannot express this model: " + ", ".join(
+            f"{k} = {mine!r} would reload as {theirs!r}" for k, (mine, theirs) in sorted(lost.items())))
 
 
 # ------------------------------------------------------------------------ weights
@@ -337,19 +404,33 @@ def load_params(directory: Path, config: DecoderConfig, abstract_params: dict) -
     checkpoint = SafetensorsCheckpoint(directory)
     names = weight_names(config)
 
-    def load(path, leaf):
+    def reader(path, shape):
         name, layout = names[path]
         file_slice = checkpoint.slice(name)
-        return jax.make_array_from_callback(
-            leaf.shape, leaf.sharding, lambda index: read_block(file_slice, layout, leaf.shape, index).astype(leaf.dtype)
-        )
+        return lambda index: read_block(file_slice, layout, shape, index)
+
+    def stacked_reader(path, shape):  # scan_layers: [layers, ...] from HF's one tensor per layer
+        layers = [reader(("blocks", i) + path[1:], shape[1:]) for i in range(shape[0])]
+        return lambda index: np.stack([layers[i](index[1:]) for i in range(*index[0].indices(shape[0]))])
+
+    def load(path, leaf):
+        stacked = config.scan_layers and path[0] == "blocks"
+        read = (stacked_reader if stacked else reader)(path, leaf.shape)
+        return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: read(index).astype(leaf.dtype))
 
     flat = _flatten(abstract_params)
     return _unflatten({path: load(path, leaf) for path, leaf in flat.items()})
 
 
-def save_params(params: dict, config: DecoderConfig, directory: Path, max_shard_bytes: int = 2 << 30) -> None:
-    """Safetensors shards plus model.safetensors.index.json, in the HF layout."""
+_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def save_params(params: dict, config: DecoderConfig, directory: Path, max_shard_bytes: int = 2 << 30,
+                dtype: str = "float32") -> None:
+    """Safetensors shards plus model.safetensors.index.json, in the HF layout, the tensors
+    in `dtype` (float32 or bfloat16)."""
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(_SAVE_DTYPES)}")
     names = weight_names(config)
     if config.scan_layers:  # stacked layers become HF's one tensor per layer
         blocks = params["blocks"]
@@ -357,9 +438,9 @@ def save_params(params: dict, config: DecoderConfig, directory: Path, max_shard_
     tensors = {}
     for path, value in _flatten(params).items():
         name, layout = names[path]
-        array = np.asarray(jax.device_get(value), np.float32)
+        array = np.asarray(jax.device_get(value), np.float32)  # exact for bf16 params; f32 ones round once
         hf_shape = _hf_shape(array.shape, layout, name)
-        tensors[name] = np.ascontiguousarray(to_hf_layout(array, layout, hf_shape))
+        tensors[name] = np.ascontiguousarray(to_hf_layout(array, layout, hf_shape).astype(_SAVE_DTYPES[dtype]))
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
         if current and size + tensors[name].nbytes > max_shard_bytes:

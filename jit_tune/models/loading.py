@@ -53,14 +53,13 @@ def load_hf_decoder(
     return model
 
 
-def export_hf_decoder(model: Decoder, directory: str | Path, family: str = "llama", special_ids: dict | None = None) -> None:
-    """config.json and safetensors shards that transformers loads as the same model."""
+def export_hf_decoder(model: Decoder, directory: str | Path, family: str = "llama", special_ids: dict | None = None,
+                      dtype: str = "float32") -> None:
+    """config.json and safetensors shards (tensors in `dtype`: float32 or bfloat16) that
+    transformers loads as the same model."""
+    config = model.config
+    hf_config = hf.hf_config_from_decoder(config, family, special_ids or {}, dtype)  # fails before any writing
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    hf_config = hf.hf_config_from_decoder(config, family, special_ids or {})
+    hf.save_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config, directory, dtype=dtype)
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    hf.save_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config, directory)
-
-
-

@@ -1,33 +1,66 @@
 """Run a job on GKE: a JobSet manifest for TPU slices (or GPU nodes), or the equivalent
 xpk command.
 
-    python launch/gke.py --image IMAGE --topology v5p:4x4x8 --config configs/x.py --workdir /gcs/runs/x
-    python launch/gke.py --image IMAGE --gpu nvidia-h100-80gb --nodes 4 --config ... --workdir ...
+    python launch/gke.py --image IMAGE --topology v5p:4x4x8 --gcs-bucket BUCKET \\
+        --config configs/x.py --workdir /gcs/runs/x
+    python launch/gke.py --image IMAGE --gpu nvidia-h100-80gb --nodes 4 --pvc CLAIM --mount-path /fs \\
+        --config ... --workdir /fs/runs/x
     python launch/gke.py --xpk --cluster my-cluster --image IMAGE --topology v5p:4x4x8 --config ... --workdir ...
+
+The image is launch/Dockerfile's: jit_tune installed in --image-workdir (/app), where the
+container starts, so --config is read from the image. The workdir lies on storage every
+pod mounts at --mount-path: a GCS bucket (--gcs-bucket, through the GCS FUSE CSI driver)
+or a PersistentVolumeClaim (--pvc, e.g. Filestore).
 
 TPU pods need no coordinator flags (JAX reads GKE's TPU environment); for GPUs the
 manifest points every pod at pod 0 through the JobSet's headless service. Pods get
-SIGTERM on preemption or maintenance: jit-tune saves and exits 75, and the JobSet's
-restart policy starts the job again, which resumes from that checkpoint.
+SIGTERM on preemption or maintenance: jit-tune saves and exits 75, and the JobSet starts
+the job again (up to --max-restarts times), which resumes from that checkpoint. Any other
+exit, such as a config error (2) or a crash (1), fails the JobSet at once: the Job's pod
+failure policy fails the Job, and the JobSet's failure policy does not restart a Job
+failed that way.
+
+With --xpk, xpk writes the JobSet. xpk (0.7.1 or later) restarts on exit codes 42 and
+127-255 and on those of --restart-on-exit-codes, given 75 here. It cannot restart on 75
+alone: a crash by a signal (e.g. 137, 139) is restarted too, up to --max-restarts.
+Storage comes from xpk's own setup (`xpk storage attach`), not from --gcs-bucket / --pvc.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import common
 import yaml
+from common import EXIT_PREEMPTED
 
 from jit_tune.topology import parse
 
 PORT = 8476
+CONTAINER = "jit-tune"
+
+
+def storage(args) -> tuple[dict, dict]:
+    """The pod volume that holds the workdir, and the pod annotations it needs."""
+    if args.pvc:
+        return {"name": "workdir", "persistentVolumeClaim": {"claimName": args.pvc}}, {}
+    # implicit-dirs: folders created outside the mount (gcloud storage cp) show up in it.
+    attributes = {"bucketName": args.gcs_bucket, "mountOptions": "implicit-dirs"}
+    if args.topology:  # TPU pods use the host network; the driver then needs this to act as the pod's account
+        attributes["hostNetworkPodKSA"] = "true"
+    volume = {"name": "workdir", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "volumeAttributes": attributes}}
+    return volume, {"gke-gcsfuse/volumes": "true"}  # asks GKE to add the FUSE sidecar
 
 
 def manifest(args, overrides: list[str]) -> dict:
     command = common.train_command(args, overrides)
-    container = {"name": "jit-tune", "image": args.image, "command": command, "env": [],
-                 "resources": {"limits": {}}}
-    pod = {"restartPolicy": "Never", "terminationGracePeriodSeconds": args.grace_seconds, "containers": [container]}
+    volume, annotations = storage(args)
+    container = {"name": CONTAINER, "image": args.image, "workingDir": args.image_workdir, "command": command,
+                 "env": [], "resources": {"limits": {}},
+                 "volumeMounts": [{"name": volume["name"], "mountPath": args.mount_path}]}
+    pod = {"restartPolicy": "Never", "terminationGracePeriodSeconds": args.grace_seconds, "containers": [container],
+           "volumes": [volume]}
     if args.gpu:
         hosts, replicas = args.nodes, 1
         pod["nodeSelector"] = {"cloud.google.com/gke-accelerator": args.gpu}
@@ -45,13 +78,33 @@ def manifest(args, overrides: list[str]) -> dict:
                                "cloud.google.com/gke-tpu-topology": topology.grid_name}
         container["resources"]["limits"]["google.com/tpu"] = topology.chips_per_host
         pod.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
+    # Rules apply in order, the first match wins. A pod that Kubernetes evicted or
+    # preempted counts as a plain failure (the Job fails, the JobSet restarts) whatever
+    # its exit code, e.g. 137 when the save outlasted the grace period; it is not ignored,
+    # since a lone replacement pod could not rejoin the others' run. Otherwise any exit
+    # but 75 fails the Job through the policy, which the JobSet rules below do not restart.
+    failure_policy = {"rules": [
+        {"action": "Count", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn", "values": [EXIT_PREEMPTED]}},
+    ]}
+    template = {"metadata": {"annotations": annotations}, "spec": pod} if annotations else {"spec": pod}
     job = {"parallelism": hosts, "completions": hosts, "completionMode": "Indexed", "backoffLimit": 0,
-           "template": {"spec": pod}}
+           "podFailurePolicy": failure_policy, "template": template}
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
         "metadata": {"name": args.name,
                      "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}},
-        "spec": {"failurePolicy": {"maxRestarts": args.max_restarts},
+        "spec": {"failurePolicy": {
+                     "maxRestarts": args.max_restarts,
+                     # Tried in order against every failed Job. A preempted Job (75, or
+                     # evicted) restarts the JobSet even when other hosts crashed for lack
+                     # of it; otherwise a Job failed by its pod failure policy (any other
+                     # exit) fails the JobSet instead of restarting it.
+                     "rules": [{"name": "restartOnPreemption", "action": "RestartJobSet",
+                                "onJobFailureReasons": ["BackoffLimitExceeded"]},
+                               {"name": "failOnErrorExit", "action": "FailJobSet",
+                                "onJobFailureReasons": ["PodFailurePolicy"]}]},
                  "replicatedJobs": [{"name": "workers", "replicas": replicas, "template": {"spec": job}}]},
     }
 
@@ -61,19 +114,26 @@ def xpk_command(args, overrides: list[str]) -> list[str]:
     return ["xpk", "workload", "create", "--cluster", args.cluster, "--workload", args.name,
             "--tpu-type", topology.accelerator_type,
             "--num-slices", str(topology.slices), "--docker-image", args.image,
-            "--max-restarts", str(args.max_restarts), "--command", common.shell(common.train_command(args, overrides))]
+            "--max-restarts", str(args.max_restarts), "--restart-on-exit-codes", str(EXIT_PREEMPTED),
+            "--termination-grace-period-seconds", str(args.grace_seconds),
+            "--command", common.shell(common.train_command(args, overrides))]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n")[0])
-    p.add_argument("--image", required=True, help="container image with jit_tune installed")
+    p.add_argument("--image", required=True, help="container image with jit_tune installed (launch/Dockerfile)")
+    p.add_argument("--image-workdir", default="/app", help="where jit_tune lies in the image; the container starts there")
     p.add_argument("--name", default="jit-tune", help="JobSet / workload name")
     p.add_argument("--topology", help="TPU slice, e.g. v5p:4x4x8")
     p.add_argument("--slices", type=int, default=1, help="TPU slices (multi-slice over DCN)")
     p.add_argument("--gpu", help="GPU node accelerator label, e.g. nvidia-h100-80gb")
     p.add_argument("--nodes", type=int, default=1, help="GPU nodes")
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--max-restarts", type=int, default=100, help="restarts after preemption or failure")
+    mount = p.add_mutually_exclusive_group()
+    mount.add_argument("--gcs-bucket", metavar="BUCKET", help="mount this GCS bucket (GCS FUSE) at --mount-path")
+    mount.add_argument("--pvc", metavar="CLAIM", help="mount this PersistentVolumeClaim (e.g. Filestore) at --mount-path")
+    p.add_argument("--mount-path", default="/gcs", help="where the pods mount the storage; the workdir lies under it")
+    p.add_argument("--max-restarts", type=int, default=100, help="restarts after preemption (exit 75)")
     p.add_argument("--grace-seconds", type=int, default=300, help="time between SIGTERM and kill")
     p.add_argument("--xpk", action="store_true", help="print/run an xpk command instead of a manifest")
     p.add_argument("--cluster", help="GKE cluster, for --xpk")
@@ -82,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give exactly one of --topology (TPU) and --gpu (GPU)")
     if args.xpk and not (args.topology and args.cluster):
         p.error("--xpk needs --topology and --cluster")
+    if args.xpk and (args.gcs_bucket or args.pvc):
+        p.error("--gcs-bucket and --pvc are for the manifest; with --xpk, attach storage with `xpk storage attach`")
+    if not args.xpk:
+        if not (args.gcs_bucket or args.pvc):
+            common.fail(f"--workdir {args.workdir} must lie on storage every pod mounts: give --gcs-bucket BUCKET "
+                        f"or --pvc CLAIM (mounted at --mount-path, now {args.mount_path})")
+        if not common.under(args.workdir, args.mount_path):
+            common.fail(f"--workdir {args.workdir} is not under --mount-path {args.mount_path}, where the pods "
+                        f"mount {'the bucket' if args.gcs_bucket else 'the claim'}")
     common.check_config(args.config, overrides)
     if args.xpk:
         return common.run([xpk_command(args, overrides)], args.dry_run)
@@ -90,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         print(common.shell(["kubectl", "apply", "-f", "-"]))
         return 0
-    import subprocess
-
     return subprocess.run(["kubectl", "apply", "-f", "-"], input=text, text=True).returncode
 
 

@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import common
-
-EXIT_PREEMPTED = 75
+from common import EXIT_PREEMPTED
 
 
 def script(args, overrides: list[str]) -> str:
@@ -33,12 +32,14 @@ def script(args, overrides: list[str]) -> str:
 {header}
 set -u
 cd {args.remote_dir}
-# The batch shell gets the SIGTERM (B:); pass it on to every task, which saves and exits 75.
-trap 'kill -TERM $child' TERM
 srun --kill-on-bad-exit=1 {train} &
 child=$!
-wait $child; code=$?
-[ $code -gt 128 ] && wait $child && code=$?
+# The batch shell gets the SIGTERM (B:); pass it on to every task, which saves and exits {EXIT_PREEMPTED}.
+trap 'kill -TERM $child; interrupted=1' TERM
+# The trapped signal ends `wait` early (128+15) while the tasks are still saving: wait
+# again until srun itself has exited, for its own exit code.
+interrupted=1
+while [ $interrupted = 1 ]; do interrupted=0; wait $child; code=$?; done
 if [ $code -eq {EXIT_PREEMPTED} ]; then scontrol requeue $SLURM_JOB_ID; fi
 exit $code
 """

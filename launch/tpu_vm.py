@@ -9,17 +9,34 @@ it), otherwise the TPU VM must exist. --bootstrap REPO_URL clones or updates the
 every worker and runs its setup (with the tpu extra) before training. No coordinator
 flags are needed: on TPU VMs JAX finds its peers itself. The workdir must be storage
 every worker shares (a GCS FUSE mount or Filestore), since Orbax writes one checkpoint
-from all of them. Rerun the same command after a preemption: training resumes.
+from all of them.
+
+The config file is copied to every worker, into <remote-dir>/launch_configs/<workdir
+name>/, and training reads that copy. What the config reads (data.tasks.*.path,
+data.task_dirs.*.path, model.init_from, a tokenizer directory) must lie on storage every
+worker sees at the same path (--shared DIR; by default the workdir's parent), or is
+copied to that path on every worker with --copy-data. The workers get each such path as
+an absolute --config override, so a config that computes paths from its own location
+reads the same files from its copy.
+
+Each worker writes its output to <workdir>/logs/worker-<hostname>.log. The remote command
+exits with jit-tune's code, and the launcher with gcloud's: 75 after a preemption; rerun
+the same command and training resumes.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import shlex
 import sys
+from pathlib import Path, PurePosixPath
 
 import common
 
 
-def commands(args, overrides: list[str]) -> list[list[str]]:
+def commands(args, overrides: list[str], copies: list[str]) -> list[list[str]]:
+    """`copies`: local paths to copy to the same path on every worker."""
     where = ["--zone", args.zone] + (["--project", args.project] if args.project else [])
     steps = []
     if args.queued_resource:
@@ -32,12 +49,26 @@ def commands(args, overrides: list[str]) -> list[list[str]]:
     def on_all_workers(remote: str) -> list[str]:
         return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, *where, "--worker=all", "--command", remote]
 
+    def copy_to_all_workers(local: str, remote_dir: str) -> list[str]:
+        return ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", local, f"{args.tpu}:{remote_dir}/",
+                *where, "--worker=all"]
+
     if args.bootstrap:
         steps.append(on_all_workers(
             f"(git clone {args.bootstrap} {args.remote_dir} || git -C {args.remote_dir} pull) && "
             f"cd {args.remote_dir} && bash tools/setup_env.sh tpu"))
-    train = common.shell(common.train_command(args, overrides, ".venv/bin/jit-tune"))
-    steps.append(on_all_workers(f"cd {args.remote_dir} && {train}"))
+    config_file, colon, variant = args.config.partition(":")
+    config_dir = f"launch_configs/{PurePosixPath(args.workdir).name}"  # inside remote-dir, where jit-tune runs
+    parents = sorted({os.path.dirname(path) for path in copies})
+    steps.append(on_all_workers(f"mkdir -p {args.remote_dir}/{config_dir} {common.shell(parents)}".rstrip()))
+    steps.append(copy_to_all_workers(config_file, f"{args.remote_dir}/{config_dir}"))
+    steps += [copy_to_all_workers(path, os.path.dirname(path)) for path in copies]
+    job = argparse.Namespace(config=f"{config_dir}/{Path(config_file).name}{colon}{variant}", workdir=args.workdir)
+    train = common.shell(common.train_command(job, overrides, ".venv/bin/jit-tune"))
+    logs = shlex.quote(f"{args.workdir}/logs")
+    # The redirection leaves jit-tune's exit code (75: preempted) as the remote command's.
+    steps.append(on_all_workers(
+        f"cd {args.remote_dir} && mkdir -p {logs} && {train} > {logs}/worker-$(hostname).log 2>&1"))
     return steps
 
 
@@ -51,11 +82,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime-version", help="for --queued-resource, e.g. v2-alpha-tpuv5")
     p.add_argument("--bootstrap", metavar="REPO_URL", help="clone/update the repo and set it up on every worker")
     p.add_argument("--remote-dir", default="jit_tune", help="the repo's directory on the workers")
+    p.add_argument("--shared", action="append", metavar="DIR",
+                   help="storage every worker sees at this same path (repeatable; default: the workdir's parent)")
+    p.add_argument("--copy-data", action="store_true",
+                   help="copy the config's local data, model and tokenizer paths to the same path on every worker")
     args, overrides = common.parse(p, argv)
     if args.queued_resource and not (args.accelerator and args.runtime_version):
         p.error("--queued-resource needs --accelerator and --runtime-version")
-    common.check_config(args.config, overrides)
-    return common.run(commands(args, overrides), args.dry_run)
+    config = common.check_config(args.config, overrides)
+    shared = [os.path.abspath(d) for d in args.shared or [os.path.dirname(os.path.abspath(args.workdir))]]
+    paths = {field: os.path.abspath(path) for field, path in common.local_paths(config).items()}
+    local = {field: path for field, path in paths.items() if not any(common.under(path, d) for d in shared)}
+    if local and not args.copy_data:
+        common.fail(f"the workers cannot read {', '.join(f'{f} = {path}' for f, path in local.items())}: put it "
+                    f"under storage every worker sees at the same path (--shared DIR, now {', '.join(shared)}) "
+                    "or copy it to every worker with --copy-data")
+    # The workers read these exact paths, whatever the config computes on their side.
+    pins = [pin for pin in (f"--{field}={path}" for field, path in paths.items()) if pin not in overrides]
+    if pins:  # they load there as they do here
+        common.check_config(args.config, overrides + pins)
+    print(f"# each worker's output goes to {args.workdir}/logs/worker-<hostname>.log", flush=True)
+    return common.run(commands(args, overrides + pins, list(local.values())), args.dry_run)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ restorable."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,3 +129,34 @@ def test_keeps_the_last_n_checkpoints_and_every_kth(tmp_path):
                  "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2",
                  "--config.train.keep_every=3"]) == 0
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6, 7]
+
+
+def test_an_update_that_diverges_after_a_finite_loss_is_never_checkpointed(tmp_path, capsys):
+    """The loss of step N comes before update N: with a huge learning rate and a
+    checkpoint every step, step 1's loss is finite but its update is not. The kept
+    checkpoint must restore finite."""
+    import jax
+    import numpy as np
+
+    from jit_tune.api import load_workdir
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    args = ["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.checkpoint_every=1",
+            "--config.optimizer.warmup_steps=0", "--config.train.keep_checkpoints=5"]
+    assert main(args + ["--config.train.steps=2"]) == 0
+    assert main(args + ["--config.train.steps=6", "--config.optimizer.lr=1e38"]) == 3
+    err = capsys.readouterr().err
+    found = re.search(r"step (\d+): the parameters or optimizer state are not finite after the update .*"
+                      r"the last good checkpoint, step (\d+), is kept", err)
+    assert found, err[-2000:]
+    bad, kept = int(found[1]), int(found[2])
+    assert kept == bad - 1 == _checkpoint_steps(workdir)[-1]  # every step up to the bad one was saved
+    _, _, model, step, _ = load_workdir(workdir)
+    assert step == kept and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(nnx_params(model)))
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -20,6 +20,11 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
     double = spawn("train_worker.py", 2, str(tmp_path / "double"), str(STEPS), *OVERRIDES)
     assert double[0]["devices"] == single[0]["devices"] == 4
     assert _losses(double[0]) == pytest.approx(_losses(single[0]), rel=1e-5)
+    # Process 0 alone wrote the shared files, whole (nothing temporary left behind).
+    workdir = tmp_path / "double"
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json", "eval", "metrics.jsonl",
+                                                         "tensorboard", "tokenizer"]
+    assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["results.json", f"results_step{STEPS}.json"]
 
     # Saved by 2 processes at step 2, resumed by 1 process on another mesh shape.
     moved = str(tmp_path / "moved")

@@ -1,0 +1,111 @@
+"""The command line as a person and a log file meet it: help that shows the override
+syntax, --version, --step, clear errors for misspelt variants, plain lines in log
+files, throughput of training time only, and no accelerator probing on a CPU machine."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jit_tune.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+@pytest.mark.parametrize("verb", [["train"], ["eval"], ["export"], ["generate"], ["compile"], ["data", "inspect"]])
+def test_every_verb_help_shows_how_to_override_config_fields(verb, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*verb, "--help"])
+    assert exit_.value.code == 0
+    assert "--config.section.field=value" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == "jit-tune 0.1.0"
+
+
+def test_a_misspelt_variant_is_named_with_the_variants_there_are(tmp_path, capsys):
+    assert main(["train", "--config", "configs/tiny.py:smok", "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "configs/tiny.py has no variant 'smok'; did you mean configs/tiny.py:smoke?" in err
+    assert "Its variants: smoke" in err and "Traceback" not in err
+    assert main(["data", "inspect", "--config", "configs/llama3_8b.py:smoke"]) == 2
+    assert "Its variants: none" in capsys.readouterr().err
+
+
+def test_a_config_file_that_raises_is_named_with_its_line(tmp_path, capsys):
+    config = tmp_path / "broken.py"
+    config.write_text("from jit_tune.config import default_config\n\n\ndef get_config():\n"
+                      "    c = default_config()\n    c.train.steps = 10 / 0\n    return c\n")
+    assert main(["data", "inspect", "--config", str(config)]) == 2
+    assert f"{config}:6: ZeroDivisionError: division by zero" in capsys.readouterr().err
+
+
+def test_eval_and_export_take_a_step(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir),
+                 "--config.train.keep_checkpoints=3"]) == 0  # checkpoints at steps 3 and 6
+    assert main(["eval", "--workdir", str(workdir), "--step", "3"]) == 0
+    assert json.loads((workdir / "eval/results_step3.json").read_text())["step"] == 3
+    for step in (3, 6):
+        assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / f"hf{step}"), "--step", str(step),
+                     "--dtype", "bfloat16"]) == 0
+    weights = [transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"hf{step}").model.norm.weight
+               for step in (3, 6)]
+    assert weights[0].dtype == weights[1].dtype and not bool((weights[0] == weights[1]).all())
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(workdir), "--step", "4"]) == 2
+    assert "--step 4: " in (err := capsys.readouterr().err) and "has steps [3, 6]" in err
+
+
+def test_a_log_file_gets_one_plain_line_per_logging_window(tmp_path):
+    log = tmp_path / "train.log"
+    with open(log, "w") as stderr:  # as SLURM's .out file or `2> log` gets it
+        result = subprocess.run([sys.executable, "-m", "jit_tune.cli", "train", "--config", "configs/tiny.py:smoke",
+                                 "--workdir", str(tmp_path / "run")], cwd=REPO, env=_env(), stderr=stderr,
+                                stdout=subprocess.DEVNULL)
+    text = log.read_text()
+    assert result.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all("loss " in line and "tokens/s " in line for line in lines)
+
+
+def test_tokens_per_second_leave_out_compilation_and_evaluation():
+    from jit_tune.train.metrics import Throughput
+
+    now = [0.0]
+    throughput = Throughput(clock=lambda: now[0])
+    now[0] = 30.0  # the first step: compilation
+    throughput.restart()
+    for _ in range(4):  # four steps of 1,000 tokens, 1 s each
+        now[0] += 1.0
+        throughput.add(1000)
+    with throughput.excluded():  # an evaluation in the window
+        now[0] += 100.0
+    assert throughput.take() == pytest.approx(1000.0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (the tpu extra)")
+def test_a_command_on_a_cpu_machine_does_not_load_libtpu(tmp_path):
+    env = {**_env(), "TF_CPP_MIN_LOG_LEVEL": "0"}  # JAX's C++ logs show what it loads
+    env.pop("JAX_PLATFORMS")
+    result = subprocess.run([sys.executable, "-m", "jit_tune.cli", "data", "inspect", "--config",
+                             "configs/tiny.py:smoke", "--sample", "50"], cwd=REPO, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "libtpu" not in result.stderr, result.stderr[-3000:]

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error(f"unrecognized arguments: {' '.join(unknown)}")
 
     # Signals first: a SIGTERM at any moment from here on ends in a defined way.
-    from jit_tune.train.preemption import EXIT_PREEMPTED, SIGNALS, Interrupted, Preempted
+    from jit_tune.train.preemption import EXIT_PREEMPTED, SIGNALS, Preempted
 
     SIGNALS.install()
     SIGNALS.phase = "startup" if args.verb == "train" else "command"
@@ -99,24 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     # jit_tune uses transformers for tokenizers only; its "PyTorch was not found" advice
     # would mislead. Imported here so that `--help` answers without loading JAX.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from jit_tune.config import ConfigError
-        from jit_tune.data.sources import SourceError
-        from jit_tune.distributed import DistributedError
-        from jit_tune.topology import TopologyError
+    from jit_tune.config import ConfigError
+    from jit_tune.data.sources import SourceError
+    from jit_tune.distributed import DistributedError
+    from jit_tune.topology import TopologyError
 
-        try:
-            return _dispatch(args, overrides)
-        except (ConfigError, FileNotFoundError, SourceError, DistributedError, TopologyError) as e:
-            print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
-            return 2
-        except FloatingPointError as e:  # a diverged run: the last good checkpoint stays
-            print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
-            return 3
-        except Preempted as e:
-            print(f"jit-tune {args.verb}: {e}", file=sys.stderr)
-            return EXIT_PREEMPTED
-    except Interrupted as e:
+    try:
+        return _dispatch(args, overrides)
+    except (ConfigError, FileNotFoundError, SourceError, DistributedError, TopologyError) as e:
+        print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # a diverged run: the last good checkpoint stays
+        print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
+        return 3
+    except Preempted as e:
         print(f"jit-tune {args.verb}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
 

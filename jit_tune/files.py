@@ -46,6 +46,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(path)
     temporary = _temporary(path)
     try:
         with open(temporary, "w") as f:

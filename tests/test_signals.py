@@ -121,4 +121,4 @@ def test_sigterm_to_another_command_exits_75_without_a_traceback(tmp_path):
     process.send_signal(signal.SIGTERM)
     err = process.communicate(timeout=120)[1]
     assert process.returncode == EXIT_PREEMPTED, err
-    assert "jit-tune eval: stopped by SIGTERM before it finished" in err and "Traceback" not in err
+    assert "jit-tune: stopped by SIGTERM before it finished" in err and "Traceback" not in err

@@ -140,7 +140,9 @@ def test_a_record_missing_a_template_field_names_file_line_and_template(tmp_path
     with pytest.raises(SourceError, match=r"reviews\.jsonl:6: template '.*' reads a field the record lacks"):
         task.example("train", bad)
     config.data.on_bad_record = "skip"
-    assert file_tasks(config)["reviews"].example("train", bad) is None
+    skipped = file_tasks(config)["reviews"].example("train", bad)  # a marker the pipeline counts and drops
+    assert skipped["bad_record"].endswith("reviews.jsonl:6: template 'did_like' reads a field the record lacks "
+                                          "('label' is undefined); the record has ['review']")
 
 
 def test_templates_only_with_the_templated_format(tmp_path, smoke_config):

@@ -24,6 +24,7 @@ only), so every process saves the same step.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -48,18 +49,10 @@ class Preempted(Exception):
         self.step = step
 
 
-class Interrupted(BaseException):
-    """SIGTERM in a phase with nothing to save: the command stops at once. A
-    BaseException, like KeyboardInterrupt, so that no library's `except Exception`
-    swallows it."""
-
-    def __init__(self, phase: str):
-        what = {"startup": "during start-up, before any new step; nothing was lost",
-                "final_eval": "during the final evaluation; the final checkpoint is saved, and running the same "
-                              "command evaluates it",
-                "command": "before it finished; no file was left half-written"}[phase]
-        super().__init__(f"stopped by SIGTERM {what}")
-        self.phase = phase
+STOPPED = {"startup": "during start-up, before any new step; nothing was lost",
+           "final_eval": "during the final evaluation; the final checkpoint is saved, and running the same command "
+                         "evaluates it",
+           "command": "before it finished; no file was left half-written"}
 
 
 class Signals:
@@ -90,12 +83,20 @@ class Signals:
         deferred = self.phase in _DEFERRED
         if signum == signal.SIGTERM:
             if not deferred:
-                raise Interrupted(self.phase)
+                self._exit_now()
             self.stop_requested = True
         elif deferred or self.phase == "startup":
             self.save_requested = True
         else:
             print(f"jit-tune: SIGUSR1 ({self.phase.replace('_', ' ')}): nothing to save", file=sys.stderr, flush=True)
+
+    def _exit_now(self) -> None:
+        """Nothing to save in this phase, and every file is written atomically: exit here.
+        (An exception raised from a signal handler can land in a callback that swallows
+        it, such as a garbage-collection hook, and the command would go on.)"""
+        sys.stdout.flush()
+        print(f"jit-tune: stopped by SIGTERM {STOPPED[self.phase]}", file=sys.stderr, flush=True)
+        os._exit(EXIT_PREEMPTED)
 
     def poll(self, step: int) -> tuple[bool, bool]:
         """(save now, then stop), agreed by every process: a request on any process

@@ -26,7 +26,11 @@ CLUSTERS = {
 }
 
 
-VARIANTS = ("smoke",)  # `t0.py:VARIANT`; load_config rejects others
+VARIANTS = ("smoke", "heldout", "heldout_smoke")  # `t0.py:VARIANT`; load_config rejects others
+# The `heldout` variant trains on five clusters and evaluates all eight: these three
+# zero-shot, by rank classification over each template's answers (as T0 evaluates its
+# held-out clusters), the others by their generation metrics.
+HELD_OUT_CLUSTERS = ("sentiment", "topic_classification", "paraphrase_identification")
 
 
 def get_config(variant: str | None = None):
@@ -52,7 +56,14 @@ def get_config(variant: str | None = None):
     config.optimizer.warmup_steps = 100
     config.eval.examples_per_task = 20
     config.eval.max_new_tokens = 16
-    if variant == "smoke":
+    if variant and variant.startswith("heldout"):
+        d.mixture.update({cluster: 0.0 for cluster in HELD_OUT_CLUSTERS})
+        config.eval.clusters = ConfigDict({
+            cluster: {"tasks": tuple(f"t0/{task}" for task in tasks), "held_out": cluster in HELD_OUT_CLUSTERS}
+            for cluster, tasks in CLUSTERS.items()
+        })
+        config.eval.at_start = True
+    if variant and variant.endswith("smoke"):
         d.tokenizer_vocab_size = 1024
         d.tokenizer_corpus_examples = 20
         d.seq_len = 256

@@ -3,12 +3,28 @@ task suite, sized to finish on a 2-core CPU in under ten minutes.
 
     jit-tune train --config configs/tiny.py --workdir runs/tiny
     jit-tune train --config configs/tiny.py:smoke --workdir /tmp/smoke   # a few steps
+
+The `heldout` variant is FLAN's experiment in miniature: it trains on eight of the
+twelve tasks and evaluates all twelve, the other four zero-shot, grouped in clusters
+by the skill they need (each held-out task shares its skill with a trained one), and
+evaluates at step 0 too, so the table before tuning is the baseline.
+
+    jit-tune train --config configs/tiny.py:heldout --workdir runs/heldout
 """
+
+from ml_collections import ConfigDict
 
 from jit_tune.config import default_config, smoke
 
-
-VARIANTS = ("smoke",)  # `tiny.py:VARIANT`; load_config rejects others
+VARIANTS = ("smoke", "heldout", "heldout_smoke")  # `tiny.py:VARIANT`; load_config rejects others
+SKILLS = {
+    "ordering": ("reverse", "sort", "sort_desc"),
+    "counting": ("count", "count_unique", "has_duplicates"),
+    "casing": ("uppercase", "capitalize"),
+    "picking": ("first", "last"),
+    "editing": ("dedupe", "commas"),
+}
+HELD_OUT_TASKS = ("sort_desc", "count_unique", "capitalize", "last")
 
 
 def get_config(variant: str | None = None):
@@ -20,7 +36,11 @@ def get_config(variant: str | None = None):
         "reverse": 1.5, "sort": 1.5, "sort_desc": 1.5, "dedupe": 1.5,
         "first": 0.5, "last": 0.5, "count": 0.5,
     })
-    if variant == "smoke":  # a few steps on a tiny model: checks the whole path quickly
+    if variant and variant.startswith("heldout"):
+        config.data.mixture.update({task: 0.0 for task in HELD_OUT_TASKS})
+        config.eval.clusters = ConfigDict({name: {"tasks": tasks} for name, tasks in SKILLS.items()})
+        config.eval.at_start = True
+    if variant and variant.endswith("smoke"):  # a few steps on a tiny model: checks the whole path quickly
         smoke(config, steps=6)
         config.data.batch_size = 8
         config.eval.examples_per_task = 4

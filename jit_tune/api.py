@@ -22,8 +22,9 @@ from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, apply_override, config_from_dict, default_config, load_config, validate
 from jit_tune.files import atomic_directory, written_by_main
 from jit_tune.data.render import prompt_ids
-from jit_tune.data.pipeline import run_tokenizer
-from jit_tune.eval import evaluator
+from jit_tune.data.registry import build_registry
+from jit_tune.data.tokenizer import saved_tokenizer
+from jit_tune.eval import evaluator, report
 from jit_tune.eval.decode import generate
 from jit_tune.models.decoder import Decoder
 from jit_tune.models.loading import export_hf_decoder, load_hf_decoder
@@ -81,7 +82,9 @@ def load_workdir(workdir: str | Path, overrides: Sequence[str] = (), step: int |
     if step is not None and step not in steps:
         raise ConfigError(f"--step {step}: {workdir}/checkpoints has steps {sorted(steps)}")
     step = max(steps) if step is None else step
-    tokenizer = run_tokenizer(config, workdir)
+    tokenizer = saved_tokenizer(workdir)
+    if tokenizer is None:
+        raise ConfigError(f"{workdir}/tokenizer: missing; the workdir's run never started training")
     try:
         mesh = mesh_lib.make_mesh(config)
     except ConfigError:  # trained on another topology (a pod): shard over the devices here
@@ -146,13 +149,28 @@ def export_workdir(workdir: str | Path, out: str | Path, step: int | None = None
 
 
 def evaluate_workdir(workdir: Path, overrides: Sequence[str] = (), step: int | None = None) -> dict:
-    """Evaluate a checkpoint of a workdir (the latest, or `step`); prints the table and
-    writes workdir/eval/results.json."""
+    """Evaluate a checkpoint of a workdir (the latest, or `step`) on its config's eval
+    tasks; prints the table and writes workdir/eval (results and predictions)."""
     config, tokenizer, model, step, mesh = load_workdir(workdir, overrides, step, need_data=True)
+    return _evaluate(model, tokenizer, config, mesh, step, workdir)
+
+
+def evaluate_hf(directory: str | Path, config, out: str | Path | None = None) -> dict:
+    """Evaluate a Hugging Face model as it is (before any tuning: the baseline of a run)
+    on `config`'s eval tasks and metrics, with the model's own tokenizer and chat
+    template; prints the table and, given `out`, writes the results there."""
+    mesh = mesh_lib.make_mesh(config)
+    model, tokenizer = load_hf(directory, mesh, dtype=config.model.dtype)
+    return _evaluate(model, tokenizer, config, mesh, 0, out)
+
+
+def _evaluate(model, tokenizer, config, mesh, step: int, out: Path | None) -> dict:
+    registry = build_registry(config)
     with jax.set_mesh(mesh):
-        results = evaluator.evaluate(model, tokenizer, config)
+        results = evaluator.evaluate(model, tokenizer, config, registry)
     with written_by_main("eval results") as writer:
         if writer:
-            evaluator.print_table(results, step)
-            evaluator.save_results(results, step, workdir)
+            report.print_table(results, step)
+            if out is not None:
+                report.save_results(results, step, Path(out), config.eval.predictions)
     return results

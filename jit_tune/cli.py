@@ -43,8 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="config file, optionally path.py:variant; without it, a workdir's run "
                                         "resumes with the config it saved")
     train.add_argument("--workdir", required=True, help="run directory; running again resumes from it")
-    evaluate = verb("eval", "evaluate a checkpoint of a workdir (the latest by default)", SAVED_OVERRIDES_HELP)
-    evaluate.add_argument("--workdir", required=True)
+    evaluate = verb("eval", "evaluate a checkpoint of a workdir (the latest by default), or a Hugging Face model "
+                            "before tuning (--hf DIR --config X: the baseline on X's eval tasks)", SAVED_OVERRIDES_HELP)
+    model_source = evaluate.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--workdir", help="a jit-tune workdir: evaluated on its saved config's eval tasks")
+    model_source.add_argument("--hf", help="a Hugging Face model dir, evaluated as it is on --config's eval tasks")
+    evaluate.add_argument("--config", help="with --hf: the config whose eval tasks and metrics to use")
+    evaluate.add_argument("--out", help="with --hf: a directory for the results and predictions")
     evaluate.add_argument("--step", type=int, help="the checkpoint to evaluate (default: the latest)")
     for command in (train, evaluate):  # multi-process runs; see jit_tune/distributed.py
         command.add_argument("--coordinator", help="HOST:PORT of process 0, where no cluster manager tells JAX")
@@ -132,6 +137,13 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
 
         config = load_config(args.config, overrides) if args.config else saved_config(args.workdir, overrides)
         train(config, args.workdir)
+    elif args.verb == "eval" and args.hf:
+        from jit_tune.api import evaluate_hf
+        from jit_tune.config import ConfigError, load_config
+
+        if not args.config:
+            raise ConfigError("eval --hf: give --config, whose eval tasks and metrics the model is evaluated on")
+        evaluate_hf(args.hf, load_config(args.config, overrides), args.out)
     elif args.verb == "eval":
         from jit_tune.api import evaluate_workdir
 
@@ -140,9 +152,11 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         from jit_tune.config import load_config
         from jit_tune.data.inspect import inspect_data
         from jit_tune.data.pipeline import run_tokenizer
+        from jit_tune.data.registry import build_registry
 
         config = load_config(args.config, overrides)
-        inspect_data(config, run_tokenizer(config), args.examples, args.sample)
+        registry = build_registry(config)
+        inspect_data(config, run_tokenizer(config, registry), registry, args.examples, args.sample)
     elif args.verb == "compile":
         from jit_tune.aot import DoesNotFit, compile_train_step
         from jit_tune.config import load_config

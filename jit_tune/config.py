@@ -156,21 +156,35 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
     c.eval = ml_collections.ConfigDict()
+    # What is evaluated (eval/evaluator.py): task names, or group or cluster names standing
+    # for their tasks, trained or not; (): the mixture's tasks and every cluster's tasks.
+    c.eval.tasks = ()
+    # Clusters for aggregation: clusters.<name> = {tasks: (names...), held_out: bool}. A
+    # held-out cluster's tasks must not be trained on (FLAN/T0's held-out evaluation).
+    c.eval.clusters = ml_collections.ConfigDict()
+    # Metrics by task, group or cluster name, overriding the default rule (eval/evaluator.py):
+    # metrics.<name> = {metrics: (exact_match|token_f1|rouge_l|acc|acc_norm|acc_token_mean, ...),
+    # normalize: (case, whitespace, punctuation, articles)}. The first metric is the task's score.
+    c.eval.metrics = ml_collections.ConfigDict()
+    c.eval.max_options = 10  # a template whose answers take at most this many values is scored by its options
+    c.eval.shots = 0  # exemplars from the task's train split before each prompt (FLAN's few-shot)
     c.eval.every_steps = 0  # 0: only at the end of training
+    c.eval.at_start = False  # also evaluate before the first step (step 0: the baseline of the run)
     c.eval.examples_per_task = 100  # per task and per template group (held-in, held-out)
     c.eval.batch_size = 128
     c.eval.max_new_tokens = 24
+    c.eval.predictions = True  # eval/predictions/step_<N>/<task>.jsonl: prompt, target, prediction, options
 
     c.lock()
     # Named collections a config file adds entries to (`c.data.tasks.reviews = dict(...)`).
-    for collection in (c.data.tasks, c.data.task_dirs, c.data.groups):
+    for collection in (c.data.tasks, c.data.task_dirs, c.data.groups, c.eval.clusters, c.eval.metrics):
         collection.unlock()
     return c
 
 
 # Fields whose value is a whole collection of names: a saved config's value replaces the
 # default's instead of merging into it (a run trained on three tasks reloads with three).
-COLLECTIONS = ("data.mixture", "data.tasks", "data.task_dirs", "data.groups")
+COLLECTIONS = ("data.mixture", "data.tasks", "data.task_dirs", "data.groups", "eval.clusters", "eval.metrics")
 
 
 def smoke(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
@@ -421,6 +435,8 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("mesh.rules", all(isinstance(r, (tuple, list)) and len(r) == 2 for r in config.mesh.rules),
           "(logical axis, mesh axis or None) pairs")
     check("eval.every_steps", e.every_steps >= 0, "an integer >= 0 (0: only at the end)")
+    check("eval.shots", isinstance(e.shots, int) and e.shots >= 0, "an integer >= 0")
+    check("eval.max_options", isinstance(e.max_options, int) and e.max_options >= 2, "an integer >= 2")
     for key in ("examples_per_task", "batch_size", "max_new_tokens"):
         check(f"eval.{key}", e[key] > 0, "a positive integer")
     if problems:
@@ -445,10 +461,52 @@ def _mixture_problems(config: ml_collections.ConfigDict, path: str) -> list[str]
             return [f"{path}: config.data.groups.{name}: missing {sorted(missing)}"]
         groups[name] = {"cap": 0, "temperature": 1.0, **values}
     try:
-        task_rates(dict(d.mixture), groups, {n: 1.0 for n in names})
+        trained = set(task_rates(dict(d.mixture), groups, {n: 1.0 for n in names}))
     except MixtureError as e:
         return [f"{path}: {e}"]
-    return []
+    return _eval_problems(config, path, names, groups, trained)
+
+
+CLUSTER_FIELDS = {"tasks", "held_out"}
+EVAL_METRIC_FIELDS = {"metrics", "normalize"}
+
+
+def _eval_problems(config: ml_collections.ConfigDict, path: str, names: set[str], groups: dict,
+                   trained: set[str]) -> list[str]:
+    """Eval tasks, clusters and metric declarations name things that exist, and no task
+    of a held-out cluster is trained on."""
+    from jit_tune.eval.metrics import METRICS, NORMALIZATIONS
+
+    e, problems = config.eval, []
+    where = lambda key: f"{path}{_line_setting(path, key)}: config.eval.{key}"  # noqa: E731
+    clusters = {}
+    for name, cluster in e.clusters.items():
+        values = cluster.to_dict() if isinstance(cluster, ml_collections.ConfigDict) else {}
+        if "tasks" not in values or set(values) - CLUSTER_FIELDS:
+            problems.append(f"{where('clusters')}.{name} = {values!r}: expected a dict with 'tasks' (names) and "
+                            "optionally 'held_out' (bool)")
+            continue
+        unknown = [t for t in values["tasks"] if t not in names]
+        if unknown:
+            problems.append(f"{where('clusters')}.{name}.tasks: {unknown} are not tasks; known: "
+                            f"{', '.join(sorted(names))}")
+        clusters[name] = values
+        if values.get("held_out") and trained & set(values["tasks"]):
+            problems.append(f"{where('clusters')}.{name} is held out of training, but the mixture trains on "
+                            f"{sorted(trained & set(values['tasks']))}: set their rates to 0 or drop held_out")
+    known = names | set(groups) | set(clusters)
+    unknown = [t for t in e.tasks if t not in known]
+    if unknown:
+        problems.append(f"{where('tasks')} = {tuple(e.tasks)!r}: {unknown} are not task, group or cluster names")
+    for name, spec in e.metrics.items():
+        values = spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else {}
+        if name not in known or not values or set(values) - EVAL_METRIC_FIELDS:
+            problems.append(f"{where('metrics')}.{name}: expected a task, group or cluster name with a dict of "
+                            "'metrics' and/or 'normalize'")
+        elif set(values.get("metrics", ())) - set(METRICS) or set(values.get("normalize", ())) - set(NORMALIZATIONS):
+            problems.append(f"{where('metrics')}.{name} = {values!r}: metrics are some of {', '.join(METRICS)}; "
+                            f"normalize some of {', '.join(NORMALIZATIONS)}")
+    return problems
 
 
 def _template_problems(config: ml_collections.ConfigDict, path: str) -> list[str]:

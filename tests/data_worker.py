@@ -19,6 +19,7 @@ def main() -> None:
 
     from jit_tune.config import load_config
     from jit_tune.data.pipeline import train_dataset
+    from jit_tune.data.registry import build_registry
     from jit_tune.data.tokenizer import train_builtin_tokenizer
 
     config = load_config("configs/tiny.py:smoke")
@@ -27,7 +28,7 @@ def main() -> None:
     config.data.mixture = ConfigDict({"records": 1.0})
     tokenizer = train_builtin_tokenizer(512, seed=0)
     ids = []
-    iterator = iter(train_dataset(config, tokenizer, jax.process_index(), jax.process_count()))
+    iterator = iter(train_dataset(config, tokenizer, build_registry(config), jax.process_index(), jax.process_count()))
     for _ in range(int(batches)):
         batch = next(iterator)
         for row in range(len(batch["inputs"])):

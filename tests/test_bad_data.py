@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jit_tune.data.registry import build_registry
 from jit_tune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_an_empty_answer_is_not_trained_and_counts_as_no_trained_token(tokenizer
                                                    "format": "t0"}})
     smoke_config.data.mixture = ConfigDict({"mine": 1.0})
     smoke_config.data.validation_share = 0.0
-    batch = next(iter(train_dataset(smoke_config, tokenizer)))
+    batch = next(iter(train_dataset(smoke_config, tokenizer, build_registry(smoke_config))))
     assert batch["dropped_no_trained_token"].sum() >= 1
 
 

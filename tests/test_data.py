@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from jit_tune.data.registry import build_registry
 from jit_tune.data import builtin_tasks as bt
 from jit_tune.data.pipeline import ROW_FEATURES, train_dataset
 from jit_tune.data.render import RenderError, tokenize_conversation
@@ -55,7 +56,7 @@ def test_template_that_breaks_prefixes_is_named(tokenizer):
 
 
 def test_rows_are_packed_with_restarting_positions_and_no_cross_segment_targets(tokenizer, smoke_config):
-    batch = next(iter(train_dataset(smoke_config, tokenizer)))
+    batch = next(iter(train_dataset(smoke_config, tokenizer, build_registry(smoke_config))))
     assert set(batch) == set(ROW_FEATURES)
     seq_len = smoke_config.data.seq_len
     assert batch["inputs"].shape == (smoke_config.data.batch_size, seq_len)

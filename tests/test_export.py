@@ -58,7 +58,8 @@ def test_training_starts_from_a_hf_checkpoint(tmp_path):
 
     config = load_config("configs/tiny.py:smoke", [f"--config.model.init_from={hf_dir}", "--config.train.steps=3"])
     assert config.model.d_model == 64 and config.model.tie_embeddings and config.data.tokenizer == str(hf_dir)
-    tokenizer, mesh, model, *_ = setup(config, tmp_path / "run")
+    run = setup(config, tmp_path / "run")
+    tokenizer, model = run.tokenizer, run.model
     ids = np.asarray([tokenizer("Sort these words: owl cake")["input_ids"]])
     with torch.no_grad():
         expected = reference(torch.as_tensor(ids)).logits.numpy()
@@ -122,7 +123,8 @@ def test_hf_weights_train_in_scanned_layers(tmp_path):
     reference = _hf_dir(tmp_path / "hf", tie=False)
     config = load_config("configs/tiny.py:smoke", [f"--config.model.init_from={tmp_path / 'hf'}",
                                                     "--config.model.scan_layers=True", "--config.train.steps=3"])
-    tokenizer, mesh, model, *_ = setup(config, tmp_path / "run")
+    run = setup(config, tmp_path / "run")
+    tokenizer, model = run.tokenizer, run.model
     ids = np.asarray([tokenizer("Sort these words: owl cake")["input_ids"]])
     with torch.no_grad():
         expected = reference(torch.as_tensor(ids)).logits.numpy()

@@ -85,7 +85,8 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path
     assert any("tmp" in p.name for p in checkpoints.iterdir())  # killed mid-save
 
     config = config_from_dict(json.loads((workdir / "config.json").read_text()), "config.json")
-    *_, checkpointer, step = setup(config, workdir)  # restores the latest complete checkpoint
+    run = setup(config, workdir)  # restores the latest complete checkpoint
+    checkpointer, step = run.checkpointer, run.step
     checkpointer.close()
     assert step >= 1 and (checkpoints / str(step)).is_dir()
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from jit_tune.data.registry import build_registry
 from jit_tune.data.mixture import MixtureError, task_rates
-from jit_tune.data.pipeline import mixture_rates, train_dataset, truncate
+from jit_tune.data.pipeline import train_dataset, truncate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIZES = {"a": 100.0, "b": 300.0, "c": 5000.0, "gen": float("inf")}
@@ -77,7 +78,7 @@ def test_truncation_cuts_the_prompt_from_the_left_or_drops():
 def test_rows_flag_truncated_examples_and_drops_are_counted(tokenizer, smoke_config, policy):
     smoke_config.data.seq_len = 16  # built-in examples are 11 to 25 tokens
     smoke_config.data.truncation = policy
-    batch = next(iter(train_dataset(smoke_config, tokenizer)))
+    batch = next(iter(train_dataset(smoke_config, tokenizer, build_registry(smoke_config))))
     starts = (batch["positions"] == 0) & (batch["segment_ids"] > 0)
     flagged = int(batch["truncated"][starts].sum())
     if policy == "left":
@@ -94,8 +95,8 @@ def test_file_tasks_mix_with_built_in_tasks(tmp_path, tokenizer, smoke_config):
     path.write_text("".join(json.dumps({"q": f"Say {w}.", "a": w}) + "\n" for w in ("owl", "cake", "egg") * 50))
     smoke_config.data.tasks = ConfigDict({"say": {"path": str(path), "fields": {"prompt": "q", "completion": "a"}}})
     smoke_config.data.mixture = ConfigDict({"say": 3.0, "reverse": 1.0})
-    assert mixture_rates(smoke_config) == {"say": 0.75, "reverse": 0.25}
-    batch = next(iter(train_dataset(smoke_config, tokenizer)))
+    assert build_registry(smoke_config).rates == {"say": 0.75, "reverse": 0.25}
+    batch = next(iter(train_dataset(smoke_config, tokenizer, build_registry(smoke_config))))
     text = tokenizer.decode(batch["inputs"][batch["segment_ids"] > 0])
     assert "Say owl." in text or "Say cake." in text or "Say egg." in text
 
@@ -106,7 +107,7 @@ def test_t0_config_mixes_clusters_equally_and_trains_end_to_end(tmp_path, capsys
     from jit_tune.config import load_config
 
     config = load_config("configs/t0.py:smoke")
-    rates = mixture_rates(config)
+    rates = build_registry(config).rates
     assert len(rates) == 27 and sum(rates.values()) == pytest.approx(1.0)
     assert rates["t0/common_gen"] == pytest.approx(1 / 8)  # a cluster of one task
     assert rates["t0/ag_news"] + rates["t0/dbpedia_14"] == pytest.approx(1 / 8)
@@ -125,7 +126,7 @@ def test_data_inspect_reports_mixture_lengths_and_packing(tokenizer, smoke_confi
     from jit_tune.data.inspect import inspect_data
 
     smoke_config.data.mixture = ConfigDict({"reverse": 3.0, "count": 1.0})
-    stats = inspect_data(smoke_config, tokenizer, n_show=1, n_sample=400, n_batches=2)
+    stats = inspect_data(smoke_config, tokenizer, build_registry(smoke_config), n_show=1, n_sample=400, n_batches=2)
     assert stats["rates"] == {"count": 0.25, "reverse": 0.75}
     assert stats["realized"]["reverse"] == pytest.approx(0.75, abs=0.05)
     assert 0.8 < stats["packing_efficiency"] <= 1.0 and stats["examples_per_row"] > 1
@@ -149,10 +150,10 @@ def test_bad_records_stop_the_run_with_their_location_or_are_skipped_and_counted
     smoke_config.data.validation_share = 0.0
     with pytest.raises(SourceError, match=r"qa.jsonl:(8: missing field 'completion'|13: malformed JSON)"):
         for _ in range(3):
-            next(iter(train_dataset(smoke_config, tokenizer)))
+            next(iter(train_dataset(smoke_config, tokenizer, build_registry(smoke_config))))
 
     smoke_config.data.on_bad_record = "skip"
-    iterator = iter(train_dataset(smoke_config, tokenizer))
+    iterator = iter(train_dataset(smoke_config, tokenizer, build_registry(smoke_config)))
     batches = [next(iterator) for _ in range(6)]  # 48 rows of ~5 examples: every record read several times
     assert sum(int(b["dropped_bad_record"].sum()) for b in batches) == 2  # each bad record once
     reasons = caplog.text

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jit_tune.eval.decode import generate_greedy
-from jit_tune.models.decoder import Decoder, DecoderConfig
+from jit_tune.eval.decode import _decode, generate_greedy, left_pad
+from jit_tune.models.decoder import Decoder, DecoderConfig, KVCache
 
 CONFIG = DecoderConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=96)
 
@@ -120,3 +120,38 @@ def test_scanned_layers_compute_what_unrolled_layers_do(tmp_path):
     ours, theirs = load_file(str(tmp_path / "scanned/model-00001-of-00001.safetensors")), load_file(
         str(tmp_path / "unrolled/model-00001-of-00001.safetensors"))
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_last_only_logits_are_the_last_position_of_the_full_logits():
+    model = _model()
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(1, 97, size=(2, 12)))
+    # Row 0 left-padded (segment 0, then one prompt), row 1 two packed segments.
+    segments = jnp.asarray([[0] * 5 + [1] * 7, [1] * 4 + [2] * 8])
+    positions = jnp.asarray([[0] * 5 + list(range(7)), list(range(4)) + list(range(8))])
+    full, _ = model(tokens, positions, segments)
+    last, _ = model(tokens, positions, segments, last_only=True)
+    assert last.shape == (2, 1, 97) and last.dtype == jnp.float32
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)
+    cache = KVCache.empty(CONFIG, 2, 16)
+    full, full_cache = model(tokens, positions, segments, cache)
+    last, last_cache = model(tokens, positions, segments, cache, last_only=True)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, last_cache, full_cache)
+
+
+def test_prompt_lengths_round_up_to_powers_of_two():
+    shapes = {left_pad([[1] * n], 1, 0)["tokens"].shape[1] for n in range(1, 301)}
+    assert shapes == {16, 32, 64, 128, 256, 512}
+
+
+def test_extra_left_padding_leaves_generation_unchanged():
+    model = _model()
+    prompts = [[5, 6, 7], list(range(20, 37))]  # 3 and 17 tokens: padded to 32
+    assert left_pad(prompts, 2, 0)["tokens"].shape == (2, 32)
+    padded = generate_greedy(model, prompts, max_new_tokens=6, eos_id=-5, pad_id=0, batch=2)
+    for prompt, got in zip(prompts, padded):
+        n = len(prompt)  # the prompt alone, no padding at all
+        out = _decode(model, np.asarray([prompt], np.int32), np.arange(n, dtype=np.int32)[None],
+                      np.ones((1, n), np.int32), -5, jax.random.key(0), 6, 0.0, 0, 1.0)
+        assert got == np.asarray(out)[0].tolist()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from jit_tune.data.registry import build_registry
+from jit_tune.eval.examples import task_examples
 from jit_tune.data import pipeline
 from jit_tune.data.sources import SourceError
 from jit_tune.data.tasks import file_tasks, train_examples
@@ -106,11 +108,12 @@ def test_input_inversion_asks_for_the_input(tmp_path, smoke_config):
 def test_held_out_templates_are_scored_not_trained(tmp_path, smoke_config):
     task, config = _task(tmp_path, smoke_config)
     config.data.mixture = {"reviews": 1.0}
-    held_in = pipeline.validation_examples(config, task, held_out=False)
-    held_out = pipeline.validation_examples(config, task, held_out=True)
+    examples = task_examples(config, build_registry(config), "reviews")
+    held_in = [e for e in examples if not e.held_out]
+    held_out = [e for e in examples if e.held_out]
     assert held_in and held_out
-    assert {e["template"] for e in held_out} == {"t2"} and "t2" not in {e["template"] for e in held_in}
-    rows = next(iter(pipeline.train_dataset(config, pipeline.run_tokenizer(config, tmp_path))))
+    assert {e.template for e in held_out} == {"t2"} and "t2" not in {e.template for e in held_in}
+    rows = next(iter(pipeline.train_dataset(config, pipeline.run_tokenizer(config, build_registry(config)), build_registry(config))))
     assert rows["loss_mask"].sum() > 0 and (rows["segment_ids"] > 0).mean() > 0.5
 
 
@@ -167,4 +170,5 @@ def test_self_instruct_config_trains_and_scores_its_held_out_template(tmp_path):
     workdir = tmp_path / "si"
     assert main(["train", "--config", "configs/self_instruct.py:smoke", "--workdir", str(workdir)]) == 0
     results = json.loads((workdir / "eval/results.json").read_text())["results"]
-    assert {"held_in", "held_out"} <= set(results["seed_tasks"])
+    assert {"held_in", "held_out"} <= set(results["tasks"]["seed_tasks"])
+    assert results["tasks"]["seed_tasks"]["held_out"]["templates"] == 1

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jit_tune.data.registry import build_registry
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, load_config
 from jit_tune.data.pipeline import train_dataset
@@ -19,7 +20,7 @@ def _losses(config, tokenizer, devices, steps=3):
     mesh = mesh_lib.make_mesh(config, devices)
     mesh_lib.check_batch_divides(config.data.batch_size, mesh, config.train.microbatches)
     model, optimizer = create_model_and_optimizer(config, mesh)
-    batches = iter(train_dataset(config, tokenizer))
+    batches = iter(train_dataset(config, tokenizer, build_registry(config)))
     losses = []
     with mesh_lib.use_mesh(config, mesh):
         for _ in range(steps):
@@ -87,13 +88,14 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, smoke_config, w
     assert sorted(_step_losses(resumed)) == [1, 2, 3]
 
     # The restored data iterator yields exactly the batch the uninterrupted run saw next.
-    tokenizer, *_, data_iterator, checkpointer, step = setup(smoke_config, resumed)
+    run = setup(smoke_config, resumed)
+    tokenizer, data_iterator, checkpointer, step = run.tokenizer, run.data_iterator, run.checkpointer, run.step
     run = checkpointer.saved_run(3)
     checkpointer.close()
     assert step == 3
     assert run["config"] == json.loads(json.dumps(smoke_config.to_dict(), default=list))
     assert run["process_count"] == 1 and run["device_count"] == 8
-    fresh = iter(train_dataset(smoke_config, tokenizer))
+    fresh = iter(train_dataset(smoke_config, tokenizer, build_registry(smoke_config)))
     for _ in range(3):
         next(fresh)
     expected, got = next(fresh), next(data_iterator)
@@ -174,10 +176,10 @@ def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path):
 def test_data_streams_must_fit_the_processes_and_the_checkpoint(tmp_path, smoke_config, tokenizer):
     smoke_config.data.streams, smoke_config.data.batch_size = 3, 24
     with pytest.raises(ConfigError, match="streams = 3: expected a multiple of the 2 processes"):
-        train_dataset(smoke_config, tokenizer, process_index=0, process_count=2)
+        train_dataset(smoke_config, tokenizer, build_registry(smoke_config), process_index=0, process_count=2)
     smoke_config.data.batch_size = 8
     with pytest.raises(ConfigError, match="batch_size = 8: expected a multiple of the 3 data streams"):
-        train_dataset(smoke_config, tokenizer)
+        train_dataset(smoke_config, tokenizer, build_registry(smoke_config))
     smoke_config.data.streams = 2
     workdir = tmp_path / "run"
     train(smoke_config, workdir, stop_at_step=1)
@@ -201,7 +203,7 @@ def test_train_step_donates_the_params_and_optimizer_state(tokenizer, smoke_conf
     model, optimizer = create_model_and_optimizer(smoke_config, mesh)
     old_param = model.embed_VxD[...]
     old_moment = jax.tree.leaves(nnx.state(optimizer.opt_state))[-1]
-    batch = mesh_lib.global_batch(next(iter(train_dataset(smoke_config, tokenizer))), mesh)
+    batch = mesh_lib.global_batch(next(iter(train_dataset(smoke_config, tokenizer, build_registry(smoke_config)))), mesh)
     with mesh_lib.use_mesh(smoke_config, mesh):
         jax.block_until_ready(train_step(model, optimizer, batch))
     assert old_param.is_deleted() and old_moment.is_deleted()  # updated in place, not copied

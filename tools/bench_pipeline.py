@@ -10,10 +10,10 @@ tokens/s reports. Worker counts set config.data.workers (Grain's multiprocess pr
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 
+from jit_tune.data.registry import build_registry
 from jit_tune.config import load_config
 from jit_tune.data.pipeline import run_tokenizer, train_dataset
 
@@ -26,13 +26,13 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     config = load_config(args.config, overrides)
     d = config.data
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = run_tokenizer(config, scratch)
+    registry = build_registry(config)
+    tokenizer = run_tokenizer(config, registry)
     print(f"config {args.config}: batches of {d.batch_size} x {d.seq_len}")
     for workers in args.workers:
         config.unlock()
         config.data.workers = workers  # as training runs it: in-process, or Grain's mp_prefetch
-        iterator = iter(train_dataset(config, tokenizer))
+        iterator = iter(train_dataset(config, tokenizer, registry))
         next(iterator)  # start-up (workers, packer fill) is not throughput
         start, tokens = time.perf_counter(), 0
         for _ in range(args.batches):

@@ -13,6 +13,7 @@ import time
 
 import jax
 
+from jit_tune.data.registry import build_registry
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import load_config
 from jit_tune.data.pipeline import train_dataset
@@ -28,7 +29,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     config = load_config(args.config, overrides)
     tokenizer = train_builtin_tokenizer(config.data.tokenizer_vocab_size, config.data.builtin_seed)
-    batches = iter(train_dataset(config, tokenizer))
+    batches = iter(train_dataset(config, tokenizer, build_registry(config)))
 
     start = time.perf_counter()
     local = [next(batches) for _ in range(args.steps + 1)]

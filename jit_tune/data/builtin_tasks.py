@@ -36,6 +36,7 @@ class Task:
     answer: Callable[[list[str]], str]
     templates: tuple[str, ...]  # trained on
     held_out_templates: tuple[str, ...]  # never trained on: zero-shot phrasing
+    options: tuple[str, ...] = ()  # every possible answer, when there are few: scored by rank classification
 
     def template(self, template_id: int) -> str:
         return (self.templates + self.held_out_templates)[template_id]
@@ -48,8 +49,8 @@ def _dedupe(words: list[str]) -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def _t(name, answer, *templates, held_out=1) -> Task:
-    return Task(name, answer, tuple(templates[:-held_out]), tuple(templates[-held_out:]))
+def _t(name, answer, *templates, held_out=1, options=()) -> Task:
+    return Task(name, answer, tuple(templates[:-held_out]), tuple(templates[-held_out:]), tuple(options))
 
 
 TASKS: tuple[Task, ...] = (
@@ -76,13 +77,15 @@ TASKS: tuple[Task, ...] = (
        "Count the words below.\n{words}",
        "{words}\nHow many words did you just read?",
        "Words: {words}\nNumber of words:",
-       "Tell me the length of this list of words: {words}"),
+       "Tell me the length of this list of words: {words}",
+       options=[str(n) for n in range(2, 5)]),
     _t("count_unique", lambda w: str(len(set(w))),
        "How many different words are in this list? {words}",
        "Count the distinct words below.\n{words}",
        "{words}\nHow many unique words are there?",
        "Words: {words}\nNumber of different words:",
-       "Ignoring repeats, how many words does this list have? {words}"),
+       "Ignoring repeats, how many words does this list have? {words}",
+       options=[str(n) for n in range(1, 5)]),
     _t("dedupe", lambda w: " ".join(_dedupe(w)),
        "Remove the repeated words from this list: {words}",
        "Write the following words, keeping only the first copy of each.\n{words}",
@@ -124,7 +127,8 @@ TASKS: tuple[Task, ...] = (
        "Answer yes or no: are there repeated words below?\n{words}",
        "{words}\nIs some word repeated above? Answer yes or no.",
        "Words: {words}\nContains duplicates (yes or no):",
-       "Tell me yes or no, does this list repeat a word? {words}"),
+       "Tell me yes or no, does this list repeat a word? {words}",
+       options=["yes", "no"]),
 )
 TASKS_BY_NAME = {task.name: task for task in TASKS}
 
@@ -144,11 +148,13 @@ def sample_words(rng: np.random.Generator) -> list[str]:
     return words
 
 
-def make_example(task: Task, split: str, index: int, seed: int, held_out: bool = False) -> dict:
+def make_example(task: Task, split: str, index: int, seed: int, held_out: bool = False,
+                 template_id: int | None = None) -> dict:
     """Example `index` of `task` in `split`, a pure function of its arguments.
 
     `held_out` picks from the held-out templates (for evaluation); otherwise a trained
-    template is drawn. Returns the conversation form every data source produces.
+    template is drawn, unless `template_id` names one. Returns the conversation form
+    every data source produces.
     """
     task_id = [t.name for t in TASKS].index(task.name)
     rng = np.random.default_rng([seed, task_id, SPLITS.index(split), int(held_out), index])
@@ -157,7 +163,8 @@ def make_example(task: Task, split: str, index: int, seed: int, held_out: bool =
         words = sample_words(rng)
     offset = len(task.templates) if held_out else 0
     choices = task.held_out_templates if held_out else task.templates
-    template_id = offset + int(rng.integers(0, len(choices)))
+    drawn = offset + int(rng.integers(0, len(choices)))
+    template_id = drawn if template_id is None else template_id
     prompt = task.template(template_id).format(words=" ".join(words))
     return {
         "task": task.name,

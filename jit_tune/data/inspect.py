@@ -1,8 +1,10 @@
 """`jit-tune data inspect`: look at what training will see, without compiling a model.
 
 Prints a few rendered examples with the trained tokens highlighted, the realized
-mixture proportions against the configured rates, a histogram of example lengths, and
-packing statistics, all from the same pipeline functions training uses.
+mixture proportions against the configured rates, a histogram of example lengths,
+packing statistics, all from the same pipeline functions training uses, and a
+contamination check: how many of each eval task's examples overlap the training
+mixture (data/contamination.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from rich.table import Table
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from jit_tune.data.pipeline import encode, mixed_examples, mixture_rates, train_dataset, truncate
+from jit_tune.data import builtin_tasks
+from jit_tune.data.contamination import NGRAM, TrainingIndex, contamination, report_lines
+from jit_tune.data.pipeline import encode, mixed_examples, train_dataset, truncate
+from jit_tune.data.registry import TaskRegistry
 from jit_tune.data.tasks import is_bad
 
 
@@ -29,12 +34,45 @@ def _highlighted(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray, mask: np.n
     return text
 
 
-def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, n_show: int = 3, n_sample: int = 2000,
-                 n_batches: int = 8, console: Console | None = None) -> dict:
+GENERATED_FOR_CONTAMINATION = 2000  # examples of each generated (built-in) task indexed
+
+
+def _text(example: dict) -> str:
+    """An example's answer-bearing text: every turn, the answer included."""
+    return "\n".join(m["content"] for m in example["messages"])
+
+
+def training_texts(config: ConfigDict, registry: TaskRegistry):
+    """The trained tasks' training texts: every record of a file task's train split, and
+    a sample of each generated task."""
+    for name in registry.rates:
+        task = registry.tasks[name]
+        if isinstance(task, builtin_tasks.Task):
+            for i in range(GENERATED_FOR_CONTAMINATION):
+                yield _text(builtin_tasks.make_example(task, "train", i, config.data.builtin_seed))
+        else:
+            for i in range(task.size("train")):
+                example = task.example("train", i)
+                if not is_bad(example):
+                    yield _text(example)
+
+
+def check_contamination(config: ConfigDict, registry: TaskRegistry) -> dict:
+    """Per eval task, the share of its examples that overlap the training mixture."""
+    from jit_tune.eval.examples import task_examples
+
+    index = TrainingIndex(training_texts(config, registry))
+    eval_texts = {name: [_text({"messages": e.messages}) for e in task_examples(config, registry, name)]
+                  for name in registry.eval_tasks}
+    return contamination(index, eval_texts)
+
+
+def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, registry: TaskRegistry, n_show: int = 3,
+                 n_sample: int = 2000, n_batches: int = 8, console: Console | None = None) -> dict:
     """Print the report; returns its numbers (for tests and notebooks)."""
     console = console or Console()
     d = config.data
-    examples = mixed_examples(config)
+    examples = mixed_examples(config, registry)
     drawn = [examples[i] for i in range(n_sample)]
     sample = [example for example in drawn if not is_bad(example)]
     bad = list(dict.fromkeys(example["bad_record"] for example in drawn if is_bad(example)))  # each record once
@@ -48,7 +86,7 @@ def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, n_show:
         console.print(_highlighted(tokenizer, inputs, mask))
         console.print()
 
-    rates = mixture_rates(config)
+    rates = registry.rates
     counts = collections.Counter(example["task"] for example in drawn)
     table = Table(title=f"Mixture: realized over the first {n_sample:,} examples")
     for column in ("task", "rate", "realized"):
@@ -71,7 +109,7 @@ def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, n_show:
         for lo, hi, count in zip(edges[:-1], edges[1:], histogram):
             console.print(f"{lo:>7}-{hi:<7} {'#' * int(60 * count / max(histogram.max(), 1))} {count}")
 
-    rows = list(itertools.islice(iter(train_dataset(config, tokenizer)), n_batches))
+    rows = list(itertools.islice(iter(train_dataset(config, tokenizer, registry)), n_batches))
     segments = np.concatenate([b["segment_ids"] for b in rows])
     efficiency = float((segments > 0).mean())
     per_row = float(segments.max(axis=1).mean())
@@ -92,4 +130,9 @@ def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, n_show:
                   f"{untrained} dropped with no trained token, {len(bad)} bad records skipped", soft_wrap=True)
     if bad:  # whole lines, so a file:line stays one searchable string
         console.print("The first bad records:\n  " + "\n  ".join(bad[:5]), soft_wrap=True, markup=False)
+
+    console.rule(f"Contamination: eval examples overlapping the training mixture (exact, or a {NGRAM}-gram)")
+    stats["contamination"] = check_contamination(config, registry)
+    for line in report_lines(stats["contamination"]):
+        console.print(line, soft_wrap=True, markup=False)
     return stats

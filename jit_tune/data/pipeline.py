@@ -32,10 +32,9 @@ from ml_collections import ConfigDict
 from transformers import PreTrainedTokenizerBase
 
 from jit_tune.config import ConfigError
-from jit_tune.data import builtin_tasks
 from jit_tune.data.sources import SourceError
 from jit_tune.data import tasks as tasks_lib
-from jit_tune.data.mixture import task_rates
+from jit_tune.data.registry import TaskRegistry
 from jit_tune.data.render import tokenize_conversation
 from jit_tune.data.streams import Streams, owned_streams
 from jit_tune.data.tokenizer import build_tokenizer, saved_tokenizer
@@ -152,8 +151,8 @@ def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def train_dataset(
-    config: ConfigDict, tokenizer: PreTrainedTokenizerBase, process_index: int = 0, process_count: int = 1,
-    stream_count: int | None = None,
+    config: ConfigDict, tokenizer: PreTrainedTokenizerBase, registry: TaskRegistry, process_index: int = 0,
+    process_count: int = 1, stream_count: int | None = None,
 ) -> Streams:
     """This process's batches of packed rows (`batch_size / process_count` of each global
     batch), endless and deterministic in config.seed, from its share of the data streams
@@ -164,10 +163,9 @@ def train_dataset(
     if d.batch_size % stream_count:
         raise ConfigError(f"config.data.batch_size = {d.batch_size}: expected a multiple of the {stream_count} data "
                           "streams (config.data.streams, or one per process)")
-    registry = tasks_lib.all_tasks(config)
-    rates = mixture_rates(config, registry)
+    rates = registry.rates
     mixed = mixed_examples(config, registry)
-    sizes = {name: tasks_lib.task_size(registry[name], "train") for name in rates}
+    sizes = {name: tasks_lib.task_size(registry.tasks[name], "train") for name in rates}
     keep = ExampleFilter(config, tokenizer, {name: i for i, name in enumerate(rates)}, sizes)
 
     def stream(index: int) -> grain.IterDataset:
@@ -198,59 +196,33 @@ def pack(examples: grain.IterDataset, config: ConfigDict, features: tuple[str, .
                   seed=config.seed, shuffle_bins=True)
 
 
-def mixed_examples(config: ConfigDict, registry: dict | None = None) -> grain.MapDataset:
+def mixed_examples(config: ConfigDict, registry: TaskRegistry) -> grain.MapDataset:
     """Conversation examples drawn from every task at its mixture rate. The order is
     shuffled within windows of data.shuffle_window (lazy, index-only) to vary the task
     order within rows; a global shuffle of the endless mixture would sample each task's
     records with replacement instead of one epoch after another. Bad records skipped
     under data.on_bad_record = "skip" appear as `tasks.bad_record` markers."""
-    registry = registry or tasks_lib.all_tasks(config)
-    rates = mixture_rates(config, registry)
+    rates = registry.rates
     mixture = grain.MapDataset.mix(
-        [tasks_lib.train_examples(registry[name], config) for name in rates], weights=list(rates.values())
+        [tasks_lib.train_examples(registry.tasks[name], config) for name in rates], weights=list(rates.values())
     )
     return WindowShuffleMapDataset(mixture, window_size=config.data.shuffle_window, seed=config.seed)
 
 
-def mixture_rates(config: ConfigDict, registry: dict | None = None) -> dict[str, float]:
-    """{task: share of training examples} from the config's (nested) mixture."""
-    registry = registry or tasks_lib.all_tasks(config)
-    sizes = {name: tasks_lib.task_size(task, "train") for name, task in registry.items()}
-    groups = {name: {"cap": 0, "temperature": 1.0, **group.to_dict()} for name, group in config.data.groups.items()}
-    return task_rates(dict(config.data.mixture), groups, sizes)
-
-
-def tokenizer_corpus(config: ConfigDict):
+def tokenizer_corpus(config: ConfigDict, registry: TaskRegistry):
     """Text to train a "bpe" tokenizer on: the first training examples of every task in
     the mixture (a deterministic sample, so every host trains the same tokenizer)."""
-    registry = tasks_lib.all_tasks(config)
-    for name in mixture_rates(config, registry):
-        examples = tasks_lib.train_examples(registry[name], config)
+    for name in registry.rates:
+        examples = tasks_lib.train_examples(registry.tasks[name], config)
         for i in range(config.data.tokenizer_corpus_examples):
             for message in examples[i].get("messages", ()):  # a bad record has none
                 yield message["content"]
 
 
-def run_tokenizer(config: ConfigDict, workdir=None) -> PreTrainedTokenizerBase:
+def run_tokenizer(config: ConfigDict, registry: TaskRegistry, workdir=None) -> PreTrainedTokenizerBase:
     """The tokenizer of a run with `config`: the one saved in `workdir` when there is
     one, else built as the config says (training saves it once the run is accepted)."""
     d = config.data
     saved = saved_tokenizer(workdir) if workdir is not None else None
     return saved or build_tokenizer(d.tokenizer, d.tokenizer_vocab_size, d.builtin_seed,
-                                    corpus=lambda: tokenizer_corpus(config), chat_template=d.chat_template)
-
-
-def validation_examples(config: ConfigDict, task, held_out: bool) -> list[dict]:
-    """The fixed validation set of one task on its held-in or held-out templates: for
-    built-in tasks generated, for file tasks the first records of its validation split
-    (held-out templates exist for templated tasks that declare some)."""
-    if isinstance(task, builtin_tasks.Task):
-        return [
-            builtin_tasks.make_example(task, "validation", i, config.data.builtin_seed, held_out)
-            for i in range(config.eval.examples_per_task)
-        ]
-    if held_out and not task.has_held_out_templates:
-        return []
-    count = min(task.size("validation"), config.eval.examples_per_task)
-    examples = (task.example("validation", i, held_out=held_out) for i in range(count))
-    return [example for example in examples if not tasks_lib.is_bad(example)]
+                                    corpus=lambda: tokenizer_corpus(config, registry), chat_template=d.chat_template)

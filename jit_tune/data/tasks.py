@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 from jit_tune.data import builtin_tasks
 from jit_tune.data.formats import FORMATS, to_conversation
 from jit_tune.data.sources import EmptySourceError, SourceError, open_source, task_directory
-from jit_tune.data.templates import TemplateSet, example_key
+from jit_tune.data.templates import TemplateSet, example_key, few_shot_prompt
 
 # "templated": raw-field records rendered by the task's FLAN-style templates (templates.py).
 TASK_FORMATS = FORMATS + ("templated",)
@@ -69,6 +69,7 @@ class FileTask:
         in_validation = np.asarray([zlib.crc32(f"{self.name}:{i}".encode()) % 10_000 for i in range(n)]) < (
             self.validation_share * 10_000)
         self.indices = {"train": np.flatnonzero(~in_validation), "validation": np.flatnonzero(in_validation)}
+        self._answers: dict[int, list[str] | None] = {}  # distinct_answers, per template file
 
     def size(self, split: str) -> int:
         return len(self.indices[split])
@@ -83,30 +84,79 @@ class FileTask:
         part = int(np.searchsorted(self._starts, index, side="right") - 1)
         return part, self.templates[part][1][index - self._starts[part]]
 
-    def example(self, split: str, position: int, epoch: int = 0, held_out: bool = False) -> dict:
+    def example(self, split: str, position: int, epoch: int = 0, held_out: bool = False,
+                shots: int | None = None) -> dict:
         """The conversation at `position` of `split` (templated tasks: rendered for
-        `epoch`, on a held-out template if asked). A bad record raises the SourceError
-        naming file, line and field, or when skipping becomes a `bad_record` marker."""
+        `epoch`, on a held-out template if asked). `shots` is evaluation's: exactly that
+        many exemplars of the same template from the train split, and never an inverted
+        template; None is training's rule (the templates' few-shot and inversion shares).
+        A bad record raises the SourceError naming file, line and field, or when skipping
+        becomes a `bad_record` marker. Templated tasks with answer options carry them."""
         try:
             part, record = self.record(split, position)
-            if self.template_set is None:
-                return {"task": self.name, "template_id": part, "template": self.templates[part][0],
-                        **to_conversation(record, self.format, self.fields)}
             key = example_key(self.seed, self.name, int(self.indices[split][position]), epoch)
-            exclude = position if split == "train" else -1
-            template, shots = self.template_set.choose(key, held_out, self.size("train"), exclude)
-            exemplars = [self.record("train", p)[1] for p in shots]
+            if self.template_set is None:
+                example = {"task": self.name, "template_id": part, "template": self.templates[part][0],
+                           **to_conversation(record, self.format, self.fields)}
+                if shots:
+                    exemplars = [to_conversation(self.record("train", p)[1], self.format, self.fields)["messages"]
+                                 for p in self._exemplar_positions(key, shots, part)]
+                    example["messages"] = _with_shots(example["messages"], exemplars)
+                return example
+            if shots is None:
+                exclude = position if split == "train" else -1
+                template, picks = self.template_set.choose(key, held_out, self.size("train"), exclude)
+            else:
+                template, picks = self.template_set.pick(key, held_out), self._exemplar_positions(key, shots)
+            exemplars = [self.record("train", p)[1] for p in picks]
             return {"task": self.name, "template_id": self.template_set.ids[template.name],
                     "template": template.name, "_where": record.get("_where", "?"),
-                    "messages": self.template_set.render(template, record, exemplars)}
+                    "messages": self.template_set.render(template, record, exemplars),
+                    "options": self.template_set.fields(record).get("options")}
         except SourceError as e:
             if not self.skip_bad_records:
                 raise
             return bad_record(self.name, int(self.indices[split][position]), str(e))
 
+    def _exemplar_positions(self, key: tuple, shots: int, part: int | None = None) -> list[int]:
+        """`shots` train positions (of one template file, for `part`), drawn by `key`."""
+        train = self.indices["train"]
+        pool = np.arange(len(train)) if part is None else np.flatnonzero(
+            (train >= self._starts[part]) & (train < self._starts[part + 1]))
+        rng = np.random.default_rng([*key, shots])
+        return [int(p) for p in rng.choice(pool, size=min(shots, len(pool)), replace=False)]
+
+    def distinct_answers(self, part: int, limit: int) -> list[str] | None:
+        """The answers of template file `part` when it has at most `limit` distinct
+        non-empty ones (a classification template: they are its options), else None."""
+        cache = self._answers
+        if part not in cache:
+            answers: dict[str, None] = {}
+            source = self.templates[part][1]
+            for i in range(len(source)):
+                try:
+                    answer = to_conversation(source[i], self.format, self.fields)["messages"][-1]["content"]
+                except SourceError:
+                    continue
+                if answer.strip():
+                    answers[answer] = None
+                if len(answers) > limit:
+                    break
+            cache[part] = sorted(answers) if len(answers) <= limit else None
+        return cache[part]
+
     def epoch_example(self, split: str, index: int, position: int) -> dict:
         """For Grain's map_with_index over an endless, reshuffled stream of positions."""
         return self.example(split, position, epoch=index // self.size(split))
+
+
+def _with_shots(messages: list[dict], exemplars: list[list[dict]]) -> list[dict]:
+    """A single-turn conversation with exemplar conversations before its prompt (FLAN's
+    format); multi-turn conversations are left as they are."""
+    if len(messages) != 2 or any(len(e) != 2 for e in exemplars):
+        return messages
+    prompt = few_shot_prompt([(e[0]["content"], e[1]["content"]) for e in exemplars], messages[0]["content"])
+    return [{"role": "user", "content": prompt}, messages[1]]
 
 
 FILE_TASK_FIELDS = {"path": None, "kind": "auto", "format": "prompt_completion", "fields": {}, "split": "train",
@@ -152,11 +202,6 @@ def file_tasks(config: ConfigDict) -> dict[str, FileTask]:
             tasks[name] = FileTask(name, parts, spec["format"], spec["fields"], d.validation_share,
                                    d.on_bad_record == "skip")
     return tasks
-
-
-def all_tasks(config: ConfigDict) -> dict[str, object]:
-    """{name: builtin_tasks.Task or FileTask} for every task the config can mix."""
-    return {**builtin_tasks.TASKS_BY_NAME, **file_tasks(config)}
 
 
 def task_size(task, split: str) -> float:

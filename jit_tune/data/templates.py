@@ -44,6 +44,12 @@ SYNTAXES = ("jinja", "format")
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
+def few_shot_prompt(exemplars: Sequence[tuple[str, str]], prompt: str, separator: str = "\n\n") -> str:
+    """FLAN's few-shot format: each exemplar as `prompt\nanswer`, then the prompt, joined
+    by `separator`, all in one user turn."""
+    return separator.join([f"{p}\n{a}" for p, a in exemplars] + [prompt])
+
+
 def options_block(options: Sequence[str]) -> str:
     """FLAN's rendering of answer options."""
     return "OPTIONS:\n" + "\n".join(f"- {option}" for option in options)
@@ -134,6 +140,11 @@ class TemplateSet:
         # Template ids for examples: trained, then held-out, then inverted templates.
         self.ids = {t.name: i for i, t in enumerate(self.trained + self.held_out + self.inverted)}
 
+    def pick(self, key: Sequence[int], held_out: bool) -> Template:
+        """Evaluation's choice: a trained (or held-out) template, never an inverted one."""
+        pool = self.held_out if held_out else self.trained
+        return pool[np.random.default_rng(list(key)).integers(len(pool))]
+
     def choose(self, key: Sequence[int], held_out: bool, exemplar_pool: int,
                exclude: int = -1) -> tuple[Template, list[int]]:
         """The template and the exemplar positions (into the train split, never
@@ -166,9 +177,9 @@ class TemplateSet:
 
     def render(self, template: Template, record: Mapping, exemplars: Sequence[Mapping] = ()) -> list[dict]:
         """One user turn (exemplars, then the prompt) and the completion as the answer."""
-        shots = [f"{_fill(template.prompt, e, self, template)}\n{_fill(template.completion, e, self, template)}"
+        shots = [(_fill(template.prompt, e, self, template), _fill(template.completion, e, self, template))
                  for e in exemplars]
-        prompt = self.separator.join(shots + [_fill(template.prompt, record, self, template)])
+        prompt = few_shot_prompt(shots, _fill(template.prompt, record, self, template), self.separator)
         return [{"role": "user", "content": prompt},
                 {"role": "assistant", "content": _fill(template.completion, record, self, template)}]
 

@@ -4,6 +4,12 @@ sampling), for a batch of prompts of any lengths.
 Prompts are left-padded to a shared length (padding is segment 0, which nothing
 attends to), prefilled in one call, then extended one token per step inside a
 `lax.while_loop` that ends when every row has produced EOS or the budget is spent.
+
+Each distinct (batch, padded prompt length, max_new_tokens) compiles once. The padded
+length is the longest prompt's rounded up to a power of two, at least 16, so prompts
+of up to max_len tokens compile at most log2(max_len / 16) + 1 prompt shapes per batch
+size and max_new_tokens (5 up to 256 tokens), at the price of at most twice the
+prefill length. The prefill computes logits for the last position only.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ from flax import nnx
 from jit_tune.mesh import to_host
 from jit_tune.models.decoder import Decoder, KVCache
 
-_LENGTH_BUCKET = 16  # prompt lengths round up to this, so few shapes get compiled
+_MIN_PROMPT_LENGTH = 16  # the smallest padded prompt length
 
 
 def left_pad(prompts: Sequence[Sequence[int]], batch: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-aligned prompts with segment ids (1 real, 0 pad) and positions from 0."""
-    length = -(-max(len(p) for p in prompts) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+    """Right-aligned prompts with segment ids (1 real, 0 pad) and positions from 0, padded
+    to a power-of-two length (at least 16): few shapes get compiled."""
+    length = max(_MIN_PROMPT_LENGTH, 1 << (max(len(p) for p in prompts) - 1).bit_length())
     tokens = np.full((batch, length), pad_id, np.int32)
     segment_ids = np.zeros((batch, length), np.int32)
     for row, prompt in enumerate(prompts):
@@ -56,9 +63,9 @@ def _decode(model: Decoder, tokens_BxP, positions_BxP, segment_ids_BxP, eos_id, 
             temperature: float, top_k: int, top_p: float):
     batch, prompt_len = tokens_BxP.shape
     cache = KVCache.empty(model.config, batch, prompt_len + max_new_tokens)
-    logits, cache = model(tokens_BxP, positions_BxP, segment_ids_BxP, cache)
+    logits_Bx1xV, cache = model(tokens_BxP, positions_BxP, segment_ids_BxP, cache, last_only=True)
     key, first_key = jax.random.split(key)
-    first = sample(logits[:, -1], first_key, temperature, top_k, top_p)
+    first = sample(logits_Bx1xV[:, 0], first_key, temperature, top_k, top_p)
     out_BxT = jnp.full((batch, max_new_tokens), -1, jnp.int32)
 
     def keep_going(state):

@@ -1,118 +1,105 @@
-"""Per-task validation loss and greedy exact match, on held-in and held-out templates."""
+"""Evaluation: every eval task's validation examples scored by the metrics that fit it
+(eval/examples.py), in three passes over the model:
+
+- the loss of each reference answer (the tokens training would train), and
+- each answer option's log-likelihood given the prompt (rank classification), both
+  through packed rows with segment ids (eval/scoring.py), many sequences per forward pass;
+- greedy generation, for tasks with generation metrics.
+
+The per-example values are aggregated by eval/report.py (template, task, cluster,
+overall) and, with eval.predictions, saved one JSON line per example.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from ml_collections import ConfigDict
-from rich.console import Console
-from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
-from jit_tune.data import tasks as tasks_lib
-from jit_tune.files import atomic_write_json
-from jit_tune.data.pipeline import encode, mixture_rates, truncate, validation_examples
-from jit_tune.data.render import prompt_ids
-from jit_tune.eval.decode import generate_greedy
-from jit_tune.mesh import to_host
+from jit_tune.data.registry import TaskRegistry
+from jit_tune.data.render import prompt_ids, tokenize_conversation
+from jit_tune.eval import metrics as metrics_lib
+from jit_tune.eval.decode import generate
+from jit_tune.eval.examples import EvalExample, TaskSpec, task_examples, task_spec
+from jit_tune.eval.report import aggregate
+from jit_tune.eval.scoring import sequence_logliks
 from jit_tune.models.decoder import Decoder
-from jit_tune.train.step import eval_losses
-
-GROUPS = (("held_in", False), ("held_out", True))
 
 
-def _unpacked_rows(features: list[dict | None], seq_len: int, batch: int) -> dict[str, np.ndarray]:
-    """One example per row, zero-padded (segment 0) to seq_len and to `batch` rows; a
-    None (an example the truncation policy drops) leaves its row empty."""
-    rows = {k: np.zeros((batch, seq_len), np.int32) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-    for i, f in enumerate(features):
-        if f is None:
-            continue
-        n = len(f["inputs"])
-        for k in ("inputs", "targets", "loss_mask"):
-            rows[k][i, :n] = f[k][:n]
-        rows["segment_ids"][i, :n] = 1
-        rows["positions"][i, :n] = np.arange(n)
-    return rows
+def _answer_sequence(tokenizer, example: EvalExample, answer: str, seq_len: int, train_on: str):
+    """(ids, mask) of the prompt and `answer` as training renders them, the mask on the
+    answer's trained tokens; the prompt is cut from the left to fit a row, as in
+    training. None if the answer alone does not fit."""
+    messages = example.messages[:-1] + [{"role": "assistant", "content": answer}]
+    ids, mask = tokenize_conversation(tokenizer, messages, train_on)
+    if not mask.any():
+        return None
+    cut = max(len(ids) - seq_len, 0)
+    if cut >= int(np.argmax(mask)):  # the first scored token needs a token before it
+        return None
+    return ids[cut:], mask[cut:]
 
 
-def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigDict) -> dict:
-    """{task: {group: {"loss", "exact_match", "examples"}}} plus a "mean" entry per group;
-    a task with no validation examples gets an empty entry."""
-    registry = tasks_lib.all_tasks(config)
-    tasks = list(mixture_rates(config, registry))
-    items = [
-        (name, group, example)
-        for name in tasks
-        for group, held_out in GROUPS
-        for example in validation_examples(config, registry[name], held_out)
-    ]
-    batch, seq_len = config.eval.batch_size, config.data.seq_len
-    loss_sums, counts = [], []
-    for start in range(0, len(items), batch):
-        chunk = items[start: start + batch]
-        # The training rows' truncation, so the loss is measured on what was trained.
-        features = [truncate(encode(ex, tokenizer, config.data.train_on), seq_len, config.data.truncation)
-                    for _, _, ex in chunk]
-        row_loss, row_count = eval_losses(model, _unpacked_rows(features, seq_len, batch))
-        loss_sums.extend(to_host(row_loss)[: len(chunk)])
-        counts.extend(to_host(row_count)[: len(chunk)])
+def _score(model: Decoder, sequences: list, config: ConfigDict) -> list[tuple[float, int] | None]:
+    """Summed log-likelihood and token count of each sequence (None stays None)."""
+    present = [s for s in sequences if s is not None]
+    if not present:
+        return [None] * len(sequences)
+    sums, counts = sequence_logliks(model, present, config.data.seq_len, config.eval.batch_size)
+    scored = iter(zip(sums.tolist(), counts.tolist()))
+    return [None if s is None else next(scored) for s in sequences]
 
-    # Long prompts keep their end (the instruction usually closes them), like the
-    # left-cut truncation of training rows.
-    prompts = [prompt_ids(tokenizer, ex["messages"][:-1])[-seq_len:] for _, _, ex in items]
-    outputs = generate_greedy(
-        model, prompts, config.eval.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch
-    ) if prompts else []
-    correct = [
-        tokenizer.decode(out, skip_special_tokens=True).strip() == ex["messages"][-1]["content"].strip()
-        for out, (_, _, ex) in zip(outputs, items)
-    ]
 
-    results: dict = {task: {} for task in tasks}
-    for (task, group, _), loss, count, ok in zip(items, loss_sums, counts, correct):
-        entry = results.setdefault(task, {}).setdefault(group, {"loss_sum": 0.0, "tokens": 0.0, "correct": 0, "examples": 0})
-        entry["loss_sum"] += float(loss)
-        entry["tokens"] += float(count)
-        entry["correct"] += int(ok)
-        entry["examples"] += 1
-    for task_results in results.values():
-        for group, entry in task_results.items():
-            task_results[group] = {
-                "loss": entry["loss_sum"] / entry["tokens"] if entry["tokens"] else float("nan"),
-                "exact_match": entry["correct"] / entry["examples"],
-                "examples": entry["examples"],
-            }
-    results["mean"] = {
-        group: {
-            metric: float(np.nanmean([r[group][metric] for r in results.values() if group in r]))
-            for metric in ("loss", "exact_match")
-        }
-        for group, _ in GROUPS
-        if any(group in r for r in results.values())
-    }
+def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigDict, registry: TaskRegistry) -> dict:
+    """The eval tasks' results (see eval/report.py for their shape), with the
+    per-example records under "records" for the predictions files."""
+    e, seq_len, train_on = config.eval, config.data.seq_len, config.data.train_on
+    examples = {name: task_examples(config, registry, name) for name in registry.eval_tasks}
+    specs = {name: task_spec(registry, name, items) for name, items in examples.items()}
+    flat = [(name, example) for name, items in examples.items() for example in items]
+    records = [{"task": name, "template": ex.template, "held_out": ex.held_out, "target": ex.target,
+                "prompt": tokenizer.decode(prompt_ids(tokenizer, ex.messages[:-1]))} for name, ex in flat]
+
+    # Loss of the reference answers.
+    losses = _score(model, [_answer_sequence(tokenizer, ex, ex.target, seq_len, train_on) for _, ex in flat], config)
+    for record, scored in zip(records, losses):
+        record["loss_sum"], record["loss_tokens"] = (-scored[0], scored[1]) if scored else (0.0, 0)
+
+    # Rank classification: every option's log-likelihood, in one packed pass.
+    ranked = [(i, ex) for i, (name, ex) in enumerate(flat) if specs[name].ranked and ex.options]
+    option_sequences = [_answer_sequence(tokenizer, ex, option, seq_len, train_on)
+                        for _, ex in ranked for option in ex.options]
+    option_scores = iter(_score(model, option_sequences, config))
+    for i, ex in ranked:
+        scores = [next(option_scores) for _ in ex.options]
+        _rank(records[i], ex, scores, specs[flat[i][0]])
+
+    # Generation, for the tasks scored on generated text.
+    generated = [(i, ex) for i, (name, ex) in enumerate(flat) if specs[name].generated]
+    if generated:
+        prompts = [prompt_ids(tokenizer, ex.messages[:-1])[-seq_len:] for _, ex in generated]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        outputs = generate(model, prompts, e.max_new_tokens, tokenizer.eos_token_id, pad, e.batch_size)
+        for (i, ex), output in zip(generated, outputs):
+            prediction = tokenizer.decode(output, skip_special_tokens=True).strip()
+            records[i]["prediction"] = prediction
+            spec = specs[flat[i][0]]
+            for metric in spec.metrics:
+                if metric in metrics_lib.GENERATION_METRICS:
+                    records[i][metric] = metrics_lib.score_generation(metric, prediction, ex.target, spec.normalize)
+    results = aggregate(records, specs, registry)
+    results["records"] = records
     return results
 
 
-def print_table(results: dict, step: int, console: Console | None = None) -> None:
-    table = Table(title=f"Per-task validation at step {step}")
-    for column in ("task", "loss held-in", "EM held-in", "loss held-out", "EM held-out"):
-        table.add_column(column, justify="left" if column == "task" else "right")
-    names = list(results)
-    for task, groups in results.items():
-        cells = []
-        for group, _ in GROUPS:
-            if group in groups:
-                cells += [f"{groups[group]['loss']:.3f}", f"{100 * groups[group]['exact_match']:.1f}%"]
-            else:
-                cells += ["-", "-"]
-        if not groups and task != "mean":
-            cells[0] = "no validation examples"
-        table.add_row(task, *cells, end_section=len(names) > 1 and task == names[-2])
-    (console or Console()).print(table)
-
-
-def save_results(results: dict, step: int, workdir: Path) -> None:
-    for name in (f"results_step{step}.json", "results.json"):
-        atomic_write_json(Path(workdir) / "eval" / name, {"step": step, "results": results})
+def _rank(record: dict, example: EvalExample, scores: list, spec: TaskSpec) -> None:
+    """An example's rank-classification outcome under each rule, and what it was."""
+    record["options"] = [{"option": o, "loglik": s[0] if s else None, "tokens": s[1] if s else 0}
+                         for o, s in zip(example.options, scores)]
+    if example.target not in example.options or any(s is None for s in scores):
+        return  # the reference is not among the options, or an option does not fit a row
+    logliks, tokens = [s[0] for s in scores], [s[1] for s in scores]
+    chars = [len(o) for o in example.options]
+    outcome = metrics_lib.rank_accuracy(logliks, tokens, chars, example.options.index(example.target))
+    record.update({m: v for m, v in outcome.items() if m in spec.metrics})
+    record.setdefault("prediction", example.options[metrics_lib.rank_choices(logliks, tokens, chars)["acc"]])

@@ -292,8 +292,10 @@ class Decoder(nnx.Module):
         positions_BxL: jax.Array,
         segment_ids_BxL: jax.Array,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Float32 logits [B, L, V], and the updated cache when one is given."""
+        """Float32 logits [B, L, V] ([B, 1, V] for the last position only, with
+        `last_only`), and the updated cache when one is given."""
         c = self.config
         x = self.embed_VxD[...].astype(c.compute_dtype)[tokens_BxL]
         if c.embed_scale:
@@ -322,6 +324,8 @@ class Decoder(nnx.Module):
                 if kv is not None:
                     new_k.append(kv[0])
                     new_v.append(kv[1])
+        if last_only:  # a prefill samples from the last position alone: skip [B, L, V] logits
+            x = x[:, -1:]
         x = self.final_norm(x)
         unembed = self.embed_VxD[...].T if c.tie_embeddings else self.unembed_DxV[...]
         logits = jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype), preferred_element_type=jnp.float32)

@@ -12,19 +12,26 @@ the state created, so a rejected command leaves a good workdir as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
+from transformers import PreTrainedTokenizerBase
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, config_to_dict, save_config
-from jit_tune.data.pipeline import DROP_REASONS, mixture_rates, run_tokenizer, train_dataset
+from jit_tune.data.pipeline import DROP_REASONS, run_tokenizer, train_dataset
+from jit_tune.data.registry import TaskRegistry, build_registry
+from jit_tune.data.streams import StreamsIterator
 from jit_tune.data.tokenizer import save_tokenizer
-from jit_tune.eval import evaluator
+from jit_tune.eval import evaluator, report
+from jit_tune.models.decoder import Decoder
 from jit_tune.files import written_by_main
 from jit_tune.train.checkpoint import Checkpointer
 from jit_tune.train.metrics import MetricsWriter, Progress, Throughput
@@ -51,9 +58,22 @@ def saved_config(checkpointer: Checkpointer, step: int, workdir: Path) -> dict |
         return json.loads(path.read_text()) if path.is_file() else None
 
 
-def setup(config: ConfigDict, workdir: Path):
-    """Tokenizer, mesh, model, optimizer, data iterator and checkpointer, restored from
-    the latest checkpoint when there is one. Returns them with the step to start at."""
+@dataclasses.dataclass
+class Run:
+    """What a training run is made of, restored from the latest checkpoint if any."""
+    registry: TaskRegistry
+    tokenizer: PreTrainedTokenizerBase
+    mesh: Mesh
+    model: Decoder
+    optimizer: nnx.Optimizer
+    data_iterator: StreamsIterator
+    checkpointer: Checkpointer
+    step: int  # the step to start at
+
+
+def setup(config: ConfigDict, workdir: Path) -> Run:
+    """Tasks, tokenizer, mesh, model, optimizer, data iterator and checkpointer, restored
+    from the latest checkpoint when there is one."""
     d = config.data
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, config.train.keep_every,
                                 config)
@@ -66,8 +86,10 @@ def setup(config: ConfigDict, workdir: Path):
             raise ConfigError(str(e)) from None
         status(f"Resuming {workdir} at step {start_step}" + (
             " with these config changes (applied):\n  " + "\n  ".join(changes) if changes else ""))
+    status("Reading the tasks")
+    registry = build_registry(config)
     status("Building the tokenizer" if not start_step else "Reading the tokenizer")
-    tokenizer = run_tokenizer(config, workdir if start_step else None)
+    tokenizer = run_tokenizer(config, registry, workdir if start_step else None)
     if len(tokenizer) > config.model.vocab_size:
         raise ConfigError(
             f"config.model.vocab_size = {config.model.vocab_size}: expected at least the tokenizer's "
@@ -79,7 +101,7 @@ def setup(config: ConfigDict, workdir: Path):
     if streams and d.streams and d.streams != streams:
         raise ConfigError(f"config.data.streams = {d.streams}, but the checkpoint at step {start_step} in "
                           f"{workdir} has {streams} data streams: set it to {streams}, or 0 to follow the checkpoint")
-    data_iterator = iter(train_dataset(config, tokenizer, jax.process_index(), jax.process_count(), streams))
+    data_iterator = iter(train_dataset(config, tokenizer, registry, jax.process_index(), jax.process_count(), streams))
     status(f"Restoring step {start_step}" if start_step else "Creating the model")
     model, optimizer = create_model_and_optimizer(config, mesh, abstract=start_step > 0)
     if start_step:
@@ -89,7 +111,7 @@ def setup(config: ConfigDict, workdir: Path):
             if not start_step:
                 save_tokenizer(tokenizer, workdir)
             save_config(config, workdir / "config.json")
-    return tokenizer, mesh, model, optimizer, data_iterator, checkpointer, start_step
+    return Run(registry, tokenizer, mesh, model, optimizer, data_iterator, checkpointer, start_step)
 
 
 def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = None) -> dict | None:
@@ -104,7 +126,9 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     SIGNALS.stop_requested = SIGNALS.save_requested = False
     with SIGNALS.in_phase("startup"):
         workdir.mkdir(parents=True, exist_ok=True)
-        tokenizer, mesh, model, optimizer, data_iterator, checkpointer, step = setup(config, workdir)
+        run = setup(config, workdir)
+    registry, tokenizer, mesh, model = run.registry, run.tokenizer, run.mesh, run.model
+    optimizer, data_iterator, checkpointer, step = run.optimizer, run.data_iterator, run.checkpointer, run.step
     t = config.train
     writer = MetricsWriter(workdir, step)
     schedule = learning_rate_schedule(config)
@@ -116,7 +140,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     in_flight = None
     throughput = Throughput()
     guard = _NonfiniteGuard(t.on_nonfinite == "skip", t.max_skipped_steps, progress)
-    data_stats = _DataStats(list(mixture_rates(config)))
+    data_stats = _DataStats(list(registry.rates))
     last_step = min(t.steps, stop_at_step or t.steps)
     first_step = step + 1
 
@@ -140,6 +164,9 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
 
     try:
         with mesh_lib.use_mesh(config, mesh), SIGNALS.in_phase("training"):
+            if step == 0 and config.eval.at_start:  # the run's baseline
+                with SIGNALS.in_phase("eval"):
+                    _evaluate(model, tokenizer, config, registry, step, workdir, writer, progress)
             if step < last_step:
                 status(f"Training from step {step} to {last_step}")
             while step < last_step:
@@ -173,7 +200,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                     checkpointer.save(step, model, optimizer, data_iterator)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
                     with SIGNALS.in_phase("eval"), throughput.excluded():
-                        _evaluate(model, tokenizer, config, step, workdir, writer, progress)
+                        _evaluate(model, tokenizer, config, registry, step, workdir, writer, progress)
             progress.close()
             checkpointer.wait()
             if data_stats.bad_records:
@@ -182,7 +209,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
         if step < t.steps:
             return None
         with mesh_lib.use_mesh(config, mesh), SIGNALS.in_phase("final_eval"):
-            return _evaluate(model, tokenizer, config, step, workdir, writer, progress)
+            return _evaluate(model, tokenizer, config, registry, step, workdir, writer, progress)
     finally:
         progress.close()
         checkpointer.close()
@@ -251,14 +278,12 @@ class _DataStats:
         return stats
 
 
-def _evaluate(model, tokenizer, config: ConfigDict, step: int, workdir: Path, writer: MetricsWriter,
-              progress: Progress) -> dict:
+def _evaluate(model, tokenizer, config: ConfigDict, registry: TaskRegistry, step: int, workdir: Path,
+              writer: MetricsWriter, progress: Progress) -> dict:
     progress.write(f"Evaluating at step {step}")
-    results = evaluator.evaluate(model, tokenizer, config)
+    results = evaluator.evaluate(model, tokenizer, config, registry)
     if jax.process_index() == 0:
-        evaluator.print_table(results, step)
-        evaluator.save_results(results, step, workdir)
-        writer.write(step, {
-            f"eval/{group}/{metric}": value for group, metrics in results["mean"].items() for metric, value in metrics.items()
-        })
+        report.print_table(results, step)
+        report.save_results(results, step, workdir, config.eval.predictions)
+        writer.write(step, report.log_values(results))
     return results

@@ -179,3 +179,22 @@ def test_data_inspect_warns_when_eval_examples_were_trained_on(tmp_path, capsys)
     out = capsys.readouterr().out
     # "again" splits its records by its own name's hash: its validation records are trained as "labels".
     assert "WARNING: again may be contaminated" in out and "WARNING: sort" not in out
+
+
+def test_a_run_reads_and_indexes_each_task_file_once(tmp_path, monkeypatch):
+    """The registry is built once per run and passed down (the pipeline, the logs and the
+    evaluator used to rebuild and re-index every source about four times)."""
+    from jit_tune.data import sources
+
+    opened = []
+    original = sources.JsonlSource.__init__
+
+    def counting(self, path):
+        opened.append(str(path))
+        original(self, path)
+
+    monkeypatch.setattr(sources.JsonlSource, "__init__", counting)
+    config = _config_file(tmp_path, f"c.data.tasks.labels = dict(path={str(_labels(tmp_path))!r})",
+                          "c.data.validation_share = 0.2", "c.data.mixture = ConfigDict({'labels': 1.0})")
+    assert main(["train", "--config", str(config), "--workdir", str(tmp_path / "run")]) == 0
+    assert opened == [str(tmp_path / "labels.jsonl")]

@@ -28,6 +28,7 @@ from jit_tune.config import load_config
 from jit_tune.data.builtin_tasks import TASKS, sample_words
 from jit_tune.data.render import prompt_ids, tokenize_conversation
 from jit_tune.data.tokenizer import train_builtin_tokenizer
+from jit_tune.distributed import choose_platform
 from jit_tune.eval.decode import generate
 from jit_tune.eval.scoring import pack_sequences, sequence_logliks
 from jit_tune.models.decoder import Decoder
@@ -69,6 +70,7 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def main() -> None:
+    choose_platform()  # no libtpu probing on a machine without TPUs
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.py")
     parser.add_argument("--examples", type=int, default=128)

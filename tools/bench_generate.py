@@ -22,11 +22,13 @@ import transformers
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import default_config
+from jit_tune.distributed import choose_platform
 from jit_tune.eval.decode import generate
 from jit_tune.models.loading import load_hf_decoder
 
 
 def main() -> None:
+    choose_platform()  # no libtpu probing on a machine without TPUs
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)

@@ -20,8 +20,8 @@ import grain
 import numpy as np
 from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset
 
-from jit_tune.data.formats import to_conversation
 from jit_tune.config import default_config
+from jit_tune.data.formats import to_conversation
 from jit_tune.data.pipeline import FEATURES, encode, pack, truncate
 from jit_tune.data.sources import open_source, task_directory
 from jit_tune.data.tokenizer import train_bpe

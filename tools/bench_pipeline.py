@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import time
 
-
-from jit_tune.data.registry import build_registry
 from jit_tune.config import load_config
 from jit_tune.data.pipeline import run_tokenizer, train_dataset
+from jit_tune.data.registry import build_registry
+from jit_tune.distributed import choose_platform
 
 
 def main() -> None:
+    choose_platform()  # no libtpu probing on a machine without TPUs
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.py")
     parser.add_argument("--batches", type=int, default=100)

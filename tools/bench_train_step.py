@@ -13,16 +13,18 @@ import time
 
 import jax
 
-from jit_tune.data.registry import build_registry
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import load_config
 from jit_tune.data.pipeline import train_dataset
+from jit_tune.data.registry import build_registry
 from jit_tune.data.tokenizer import train_builtin_tokenizer
+from jit_tune.distributed import choose_platform
 from jit_tune.train.state import create_model_and_optimizer
 from jit_tune.train.step import train_step
 
 
 def main() -> None:
+    choose_platform()  # no libtpu probing on a machine without TPUs
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.py")
     parser.add_argument("--steps", type=int, default=20)

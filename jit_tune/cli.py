@@ -7,6 +7,7 @@
     jit-tune export --workdir runs/tiny --out runs/tiny/hf [--step N] [--dtype bfloat16]
     jit-tune generate --workdir runs/tiny --prompt "Sort these words: owl cake"     (or --hf DIR)
     jit-tune compile --config configs/llama3_8b.py --topology v5p:4x4x8    (AOT; needs jit_tune[tpu])
+    jit-tune sweep all --sweep configs/sweep_tiny.py --dir runs/sweep      (or plan, run, collect, fit, ...)
 
 User mistakes (a bad config, a missing file, bad data) end with a one-paragraph message
 and exit code 2, never a traceback; a run whose loss or state stops being finite ends
@@ -71,6 +72,30 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", required=True)
     inspect.add_argument("--examples", type=int, default=3, help="rendered examples to show")
     inspect.add_argument("--sample", type=int, default=2000, help="examples sampled for the statistics")
+    sweep = verb("sweep", "sweep task-mixture ratios: plan, run, collect, fit, propose, confirm, report (or all)")
+    sweep_verbs = sweep.add_subparsers(dest="sweep_verb", required=True)
+    for name, help in (("plan", "write the manifest of runs (deterministic from the sweep's seed) and print it"),
+                       ("run", "run the pending runs here (on clusters: python launch/<engine>.py --sweep DIR)"),
+                       ("collect", "one table of every run: results.csv and results.parquet"),
+                       ("fit", "surrogates of the target, with out-of-fold trust figures"),
+                       ("propose", "the mixture the chosen surrogate predicts is best"),
+                       ("confirm", "train the proposal and the baselines with the same seeds; predicted vs actual"),
+                       ("report", "report.html and report.md with the plots"),
+                       ("all", "plan, run, fit, propose, confirm and report, in order"),
+                       ("worker", "(internal) one of run's processes")):
+        command = sweep_verbs.add_parser(name, help=help, description=help, epilog=OVERRIDES_HELP
+                                         if name in ("plan", "all") else None)
+        command.add_argument("--dir", required=True, help="the sweep directory")
+        if name in ("plan", "all"):
+            command.add_argument("--sweep", required=True, help="sweep config file, path.py[:variant]")
+        if name in ("run", "confirm", "all"):
+            command.add_argument("--processes", type=int, default=1, help="runs at once on this machine")
+            command.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+        if name in ("run", "worker"):
+            command.add_argument("--kind", choices=("proxy", "confirm"), help="only these runs")
+        if name == "worker":
+            command.add_argument("--shard", type=int, required=True)
+            command.add_argument("--shards", type=int, required=True)
     gen = verb("generate", "reply to a prompt through the chat template", SAVED_OVERRIDES_HELP + " (--workdir only)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a jit-tune workdir (its latest checkpoint)")
@@ -175,6 +200,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         from jit_tune.api import export_workdir
 
         print(f"wrote {export_workdir(args.workdir, args.out, args.step, args.dtype, overrides)}")
+    elif args.verb == "sweep":
+        return _sweep(args, overrides)
     elif args.verb == "generate":
         from jit_tune import api
 
@@ -186,6 +213,36 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
                                     args.top_k, args.top_p, args.seed, args.stop)
         for prompt, reply in zip(args.prompt, replies):
             print(f"> {prompt}\n{reply}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jit_tune.sweep import verbs
+    from jit_tune.sweep.config import load_sweep
+    from jit_tune.sweep.runner import run_shard
+
+    directory, verb = Path(args.dir), args.sweep_verb
+    if verb in ("plan", "all"):
+        verbs.plan(load_sweep(args.sweep, overrides), args.sweep, directory)
+    if verb == "worker":
+        return run_shard(directory, args.shard, args.shards, args.kind)
+    if verb in ("run", "all"):
+        code = verbs.run(directory, args.processes, getattr(args, "kind", None) or ("proxy" if verb == "all" else None),
+                         args.dry_run)
+        if code or args.dry_run:
+            return code
+    if verb == "collect":
+        verbs.collect_table(directory)
+    if verb in ("fit", "all"):
+        verbs.fit(directory)
+    if verb in ("propose", "all"):
+        verbs.propose_mixture(directory)
+    if verb in ("confirm", "all"):
+        code = verbs.confirm(directory, args.processes, args.dry_run)
+        if code:
+            return code
+    if verb in ("report", "all"):
+        verbs.report(directory)
     return 0
 
 

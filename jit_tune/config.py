@@ -136,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.on_nonfinite = "stop"
     c.train.max_skipped_steps = 5
 
+    c.logging = ml_collections.ConfigDict()
+    c.logging.group = ""  # a group id runs share (a sweep's name): in every metrics.jsonl line and trackers
+
     c.mesh = ml_collections.ConfigDict()
     # Sizes of the named mesh axes; one may be -1, filled with the remaining devices.
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -204,11 +207,12 @@ def smoke(config: ml_collections.ConfigDict, steps: int) -> ml_collections.Confi
 # ---------------------------------------------------------------------------- loading
 
 
-def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+def load_config(spec: str, overrides: list[str] = (), validator=None) -> ml_collections.ConfigDict:
     """Load `path[:variant]`, apply `--config.a.b=value` overrides, validate, and lock.
 
     A config file lists the variants its get_config(arg) accepts in `VARIANTS`; any
-    other is an error listing them.
+    other is an error listing them. `validator` checks the result (default: a run
+    config's `validate`; sweep configs bring their own).
     """
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
@@ -241,9 +245,12 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     for item in overrides:
         key = apply_override(config, item)
         sources[key] = f"command line {item}"
-    if config.model.init_from:
-        _take_architecture_from_hf(config, sources.get("model.init_from") or path)
-    validate(config, path, sources)
+    if validator is None:
+        if config.model.init_from:
+            _take_architecture_from_hf(config, sources.get("model.init_from") or path)
+        validate(config, path, sources)
+    else:
+        validator(config, path, sources)
     return config
 
 

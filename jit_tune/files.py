@@ -16,8 +16,6 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import jax
-from jax.experimental import multihost_utils
 
 
 def _temporary(path: Path) -> Path:
@@ -42,20 +40,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and an atomic rename."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(path)
     temporary = _temporary(path)
     try:
-        with open(temporary, "w") as f:
-            f.write(text)
+        with open(temporary, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | Path, value) -> None:
@@ -85,6 +87,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 def is_main_process() -> bool:
+    import jax  # here, so that writing a file does not load JAX (plotting, tools)
+
     return jax.process_index() == 0
 
 
@@ -92,6 +96,9 @@ def is_main_process() -> bool:
 def written_by_main(name: str) -> Iterator[bool]:
     """`with written_by_main("tokenizer") as writer: if writer: ...write...`: process 0
     writes, and no process leaves the block before the files exist."""
+    import jax
+    from jax.experimental import multihost_utils
+
     try:
         yield is_main_process()
     finally:

@@ -24,10 +24,16 @@ With --xpk, xpk writes the JobSet. xpk (0.7.1 or later) restarts on exit codes 4
 127-255 and on those of --restart-on-exit-codes, given 75 here. It cannot restart on 75
 alone: a crash by a signal (e.g. 137, 139) is restarted too, up to --max-restarts.
 Storage comes from xpk's own setup (`xpk storage attach`), not from --gcs-bucket / --pvc.
+
+With --sweep SWEEP_DIR (instead of --config/--workdir), every pending run of the sweep
+gets the JobSet a single job gets, named <name>-<run id>, all applied by one
+`kubectl apply`; with --xpk, one `xpk workload create --workload <name>-<run id>` each.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 
@@ -39,6 +45,32 @@ from jit_tune.topology import parse
 
 PORT = 8476
 CONTAINER = "jit-tune"
+# xpk's limit on workload names. A JobSet's pod names (<name>-workers-<slice>-<host>-<5
+# random characters>) must be DNS-1035 labels of at most 63 characters: 40 leaves room.
+NAME_LIMIT = 40
+NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")  # a DNS-1035 label
+
+
+def run_name(name: str, run_id: str) -> str:
+    """`<name>-<run id>` as a DNS-1035 label of at most NAME_LIMIT characters: lowercase,
+    other characters made '-', the name cut short to keep the run id whole."""
+    def clean(text: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+    run_id = clean(run_id)
+    return f"{clean(name)[:max(NAME_LIMIT - len(run_id) - 1, 0)].rstrip('-')}-{run_id}".strip("-")
+
+
+def named(jobs: list[common.Job]) -> list[common.Job]:
+    """A sweep's runs, each with --name made its own `<name>-<run id>`."""
+    jobs = [job._replace(args=argparse.Namespace(**{**vars(job.args), "name": run_name(job.args.name, job.run)}))
+            for job in jobs]
+    names = [job.args.name for job in jobs]
+    bad = sorted({n for n in names if not NAME.fullmatch(n) or len(n) > NAME_LIMIT or names.count(n) > 1})
+    if bad:
+        common.fail(f"the runs' names must be distinct DNS-1035 labels of at most {NAME_LIMIT} characters (a letter "
+                    f"first): {', '.join(bad)}; choose another --name")
+    return jobs
 
 
 def storage(args) -> tuple[dict, dict]:
@@ -120,10 +152,10 @@ def xpk_command(args, overrides: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n")[0])
+    p = common.parser(__doc__.split("\n")[0], sweeps=True)
     p.add_argument("--image", required=True, help="container image with jit_tune installed (launch/Dockerfile)")
     p.add_argument("--image-workdir", default="/app", help="where jit_tune lies in the image; the container starts there")
-    p.add_argument("--name", default="jit-tune", help="JobSet / workload name")
+    p.add_argument("--name", default="jit-tune", help="JobSet / workload name (with --sweep: its prefix)")
     p.add_argument("--topology", help="TPU slice, e.g. v5p:4x4x8")
     p.add_argument("--slices", type=int, default=1, help="TPU slices (multi-slice over DCN)")
     p.add_argument("--gpu", help="GPU node accelerator label, e.g. nvidia-h100-80gb")
@@ -144,17 +176,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--xpk needs --topology and --cluster")
     if args.xpk and (args.gcs_bucket or args.pvc):
         p.error("--gcs-bucket and --pvc are for the manifest; with --xpk, attach storage with `xpk storage attach`")
-    if not args.xpk:
-        if not (args.gcs_bucket or args.pvc):
-            common.fail(f"--workdir {args.workdir} must lie on storage every pod mounts: give --gcs-bucket BUCKET "
-                        f"or --pvc CLAIM (mounted at --mount-path, now {args.mount_path})")
-        if not common.under(args.workdir, args.mount_path):
-            common.fail(f"--workdir {args.workdir} is not under --mount-path {args.mount_path}, where the pods "
-                        f"mount {'the bucket' if args.gcs_bucket else 'the claim'}")
-    common.check_config(args.config, overrides)
+    where = f"--sweep {args.sweep}" if args.sweep else f"--workdir {args.workdir}"
+    if not args.xpk and not (args.gcs_bucket or args.pvc):
+        common.fail(f"{where} must lie on storage every pod mounts: give --gcs-bucket BUCKET "
+                    f"or --pvc CLAIM (mounted at --mount-path, now {args.mount_path})")
+    jobs = common.jobs(args, overrides)
+    for job in jobs:
+        if not args.xpk and not common.under(job.args.workdir, args.mount_path):
+            common.fail(f"{f'run {job.run}: workdir' if job.run else '--workdir'} {job.args.workdir} is not under "
+                        f"--mount-path {args.mount_path}, where the pods mount "
+                        f"{'the bucket' if args.gcs_bucket else 'the claim'}")
+    if args.sweep:
+        jobs = named(jobs)
+    if args.xpk and args.sweep:  # an xpk batch: one workload per run
+        return common.run_queue([(job.run, xpk_command(job.args, job.overrides)) for job in jobs], args.dry_run)
     if args.xpk:
         return common.run([xpk_command(args, overrides)], args.dry_run)
-    text = yaml.safe_dump(manifest(args, overrides), sort_keys=False)
+    if not jobs:
+        return 0
+    text = yaml.safe_dump_all([manifest(job.args, job.overrides) for job in jobs], sort_keys=False)
     if args.dry_run:
         print(text)
         print(common.shell(["kubectl", "apply", "-f", "-"]))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jit_tune.data.registry import build_registry
@@ -130,7 +129,6 @@ def test_a_task_without_validation_examples_does_not_crash_the_final_eval(tmp_pa
                           "c.data.validation_share = 0.0")
     result = _run(["train", "--config", str(config), "--workdir", str(tmp_path / "run")])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "no validation examples" in result.stdout
+    assert "no examples" in result.stdout
     results = json.loads((tmp_path / "run/eval/results.json").read_text())["results"]
-    assert results["mine"] == {}
-    assert np.isnan(results["mean"].get("held_in", {}).get("loss", np.nan)) or "held_in" not in results["mean"]
+    assert results["tasks"]["mine"]["templates"] == {} and "held_in" not in results["tasks"]["mine"]

@@ -310,7 +310,7 @@ def test_local_launcher_trains_as_two_processes(tmp_path):
     launcher = _launch_locally(workdir, "--config.eval.examples_per_task=1")
     stdout, stderr = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, stderr[-3000:]
-    assert "Per-task validation at step 6" in stdout
+    assert "Evaluation at step 6" in stdout
     assert (workdir / "checkpoints" / "6" / "data" / "stream_1.json").is_file()  # one stream per process
 
 

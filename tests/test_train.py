@@ -113,12 +113,12 @@ def test_cli_train_twice_resumes_and_writes_the_workdir(tmp_path, capsys):
     args = ["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir)]
     assert main(args) == 0
     first = capsys.readouterr().out
-    assert "Per-task validation at step 6" in first and "held-out" in first
+    assert "Evaluation at step 6" in first and "held-out" in first
     for name in ("config.json", "metrics.jsonl", "eval/results.json", "tokenizer/tokenizer.json"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").iterdir())
     results = json.loads((workdir / "eval/results.json").read_text())["results"]
-    assert {"held_in", "held_out"} <= set(results["reverse"])
+    assert {"held_in", "held_out"} <= set(results["tasks"]["reverse"])
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     shares = {k: v for k, v in logged[0].items() if k.startswith("mixture/")}
     assert len(shares) == 12 and sum(shares.values()) == pytest.approx(1.0)  # the realized mixture

@@ -130,7 +130,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     registry, tokenizer, mesh, model = run.registry, run.tokenizer, run.mesh, run.model
     optimizer, data_iterator, checkpointer, step = run.optimizer, run.data_iterator, run.checkpointer, run.step
     t = config.train
-    writer = MetricsWriter(workdir, step)
+    writer = MetricsWriter(workdir, step, config.logging.group)
     schedule = learning_rate_schedule(config)
     is_main = jax.process_index() == 0
     progress = Progress(t.steps, step, enabled=is_main)
@@ -187,7 +187,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                 counts = data_stats.count(local)
                 tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
                 if step == first_step - 1:
-                    progress.write("Compiling the train step (the first step)")
+                    progress.write("Compiling the train step (the first step; once per process and shape)")
                 metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh), t.microbatches)
                 step += 1
                 if in_flight is not None:

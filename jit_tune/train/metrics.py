@@ -37,8 +37,8 @@ class MetricsWriter:
     that step (it is about to be logged again) and tells TensorBoard to purge those
     events, so neither holds a step twice."""
 
-    def __init__(self, workdir: Path, start_step: int = 0):
-        self.enabled = jax.process_index() == 0
+    def __init__(self, workdir: Path, start_step: int = 0, group: str = ""):
+        self.enabled, self.group = jax.process_index() == 0, group
         if not self.enabled:
             return
         self.path = Path(workdir) / "metrics.jsonl"
@@ -62,7 +62,7 @@ class MetricsWriter:
             self.jsonl.seek(self.last_offset)
             self.jsonl.truncate()
         else:
-            record = {"step": step, **metrics}
+            record = {"step": step, **({"group": self.group} if self.group else {}), **metrics}
             self.last_offset = self.jsonl.tell()
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()

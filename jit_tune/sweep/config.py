@@ -61,6 +61,9 @@ def default_sweep_config() -> ml_collections.ConfigDict:
     s.propose.model = ""  # "": the model with the best out-of-fold Spearman
     s.propose.kl = 0.0  # regularization towards the prior: target - kl * KL(w || prior)
     s.propose.samples = 20000  # candidate mixtures searched
+    # Stay within the region the proxies covered: no further from the prior (in KL) than
+    # the farthest proxy mixture. A surrogate's optimum outside it is an extrapolation.
+    s.propose.within_observed = True
 
     s.confirm = ml_collections.ConfigDict()
     s.confirm.seeds = (0, 1)
@@ -76,6 +79,27 @@ def load_sweep(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDic
     """Load a sweep config file (same rules as run configs: variants, overrides with
     --config.a.b=value, a typo'd key named with the closest one), validated."""
     return load_config(spec, overrides, validator=validate_sweep)
+
+
+def sweep_from_dict(values: dict, source: str) -> ml_collections.ConfigDict:
+    """A sweep config saved in a manifest, on today's defaults (fields it predates keep
+    their defaults), validated."""
+    sweep = default_sweep_config()
+
+    def update(node, saved: dict, prefix: str):
+        for key, value in saved.items():
+            if key not in node:
+                raise ConfigError(f"{source}: unknown sweep field {prefix}{key}")
+            if f"{prefix}{key}" in ("space.grid", "target.metrics"):
+                node[key] = ml_collections.ConfigDict(value)
+            elif isinstance(node[key], ml_collections.ConfigDict):
+                update(node[key], value, f"{prefix}{key}.")
+            else:
+                node[key] = tuple(value) if isinstance(node[key], tuple) else value
+
+    update(sweep, values, "")
+    validate_sweep(sweep, source)
+    return sweep
 
 
 def validate_sweep(s: ml_collections.ConfigDict, path: str, sources: dict | None = None,

@@ -81,9 +81,11 @@ def candidates(prior: np.ndarray, lower: np.ndarray, upper: np.ndarray, samples:
 
 
 def propose(fit: Surrogate, prior: np.ndarray, lower: np.ndarray, upper: np.ndarray, kl: float = 0.0,
-            maximize: bool = True, samples: int = 20000, seed: int = 0) -> Proposal:
+            maximize: bool = True, samples: int = 20000, seed: int = 0, max_kl: float | None = None) -> Proposal:
     """The mixture that maximizes (minimizes) the surrogate's prediction -(+) kl * KL(w ||
-    prior) within the bounds."""
+    prior) within the bounds, and with `max_kl`, no further than that from the prior: a
+    surrogate is known only where it was fitted, and its optimum outside that region is
+    an extrapolation (the sweep passes the farthest proxy's divergence)."""
     prior, lower, upper = (np.asarray(a, float) for a in (prior, lower, upper))
     if not (prior.shape == lower.shape == upper.shape) or prior.ndim != 1:
         raise ValueError(f"prior, lower and upper must be [units]; got {prior.shape}, {lower.shape}, {upper.shape}")
@@ -95,14 +97,19 @@ def propose(fit: Surrogate, prior: np.ndarray, lower: np.ndarray, upper: np.ndar
         return sign * np.asarray(fit.predict(W), float) - kl * kl_divergence(W, prior)
 
     pool = candidates(prior, lower, upper, samples, np.random.default_rng(seed))
+    if max_kl is not None:
+        pool = pool[kl_divergence(pool, prior) <= max_kl]  # the prior itself always stays
     scores = np.concatenate([score(pool[i:i + BATCH]) for i in range(0, len(pool), BATCH)])
     best = pool[int(np.argmax(scores))]
 
-    polished = optimize.minimize(
-        lambda w: -score(w[None])[0], best, method="SLSQP", bounds=list(zip(lower, upper)),
-        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}], options={"maxiter": 200, "ftol": 1e-12})
+    constraints = [{"type": "eq", "fun": lambda w: w.sum() - 1.0}]
+    if max_kl is not None:
+        constraints.append({"type": "ineq", "fun": lambda w: max_kl - kl_divergence(np.clip(w, 1e-12, 1), prior)})
+    polished = optimize.minimize(lambda w: -score(w[None])[0], best, method="SLSQP", bounds=list(zip(lower, upper)),
+                                 constraints=constraints, options={"maxiter": 200, "ftol": 1e-12})
     polished_w = project(polished.x, lower, upper)  # undo SLSQP's tiny bound/sum violations
-    if np.all(np.isfinite(polished_w)) and score(polished_w[None])[0] > score(best[None])[0]:
+    inside = max_kl is None or kl_divergence(polished_w, prior) <= max_kl + 1e-9
+    if np.all(np.isfinite(polished_w)) and inside and score(polished_w[None])[0] > score(best[None])[0]:
         best = polished_w
 
     predicted = float(fit.predict(best[None])[0])

@@ -27,14 +27,15 @@ from jit_tune.files import atomic_write_json
 from jit_tune.sweep import fit as fit_lib
 from jit_tune.sweep import plan as plan_lib
 from jit_tune.sweep.collect import collect
-from jit_tune.sweep.propose import propose
+from jit_tune.sweep.config import sweep_from_dict
+from jit_tune.sweep.propose import kl_divergence, propose
 from jit_tune.sweep.runner import failure, run_local
 
 console = Console()
 
 
 def _sweep(manifest: dict) -> ConfigDict:
-    return ConfigDict(manifest["config"])
+    return sweep_from_dict(manifest["config"], f"{manifest['name']}'s manifest")
 
 
 def _weights_table(manifest: dict, runs: list[dict], title: str) -> Table:
@@ -128,8 +129,9 @@ def propose_mixture(directory: Path) -> dict:
     chosen = fitted["chosen"]
     surrogate = fit_lib.fit_surrogates(W, y, (chosen,), sweep.fit.folds, sweep.target.maximize, sweep.seed)[chosen]
     prior, lower, upper = (np.asarray(manifest[k]) for k in ("prior", "lower", "upper"))
+    max_kl = float(kl_divergence(W, prior).max()) if sweep.propose.within_observed else None
     proposal = propose(surrogate, prior, lower, upper, sweep.propose.kl, sweep.target.maximize,
-                       sweep.propose.samples, sweep.seed)
+                       sweep.propose.samples, sweep.seed, max_kl)
     result = {"model": chosen, **proposal.to_dict(manifest["units"]),
               "prior": dict(zip(manifest["units"], prior.tolist()))}
     atomic_write_json(Path(directory) / "proposal.json", result)

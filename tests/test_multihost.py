@@ -24,7 +24,8 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
     workdir = tmp_path / "double"
     assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json", "eval", "metrics.jsonl",
                                                          "tensorboard", "tokenizer"]
-    assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["results.json", f"results_step{STEPS}.json"]
+    assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["predictions", "results.json",
+                                                                 f"results_step{STEPS}.json"]
 
     # Saved by 2 processes at step 2, resumed by 1 process on another mesh shape.
     moved = str(tmp_path / "moved")

@@ -73,7 +73,7 @@ def test_a_run_on_file_tasks_and_some_built_in_ones_reloads_for_every_verb(tmp_p
     capsys.readouterr()
 
     assert main(["eval", "--workdir", str(mine)]) == 0
-    results = json.loads((mine / "eval/results.json").read_text())["results"]
+    results = json.loads((mine / "eval/results.json").read_text())["results"]["tasks"]
     assert set(results) == {"say", "sort", "mean"}  # what it trained on, not all twelve built-in tasks
     data.rename(tmp_path / "moved.jsonl")  # export and generate need no training data
     assert main(["export", "--workdir", str(mine), "--out", str(tmp_path / "hf")]) == 0
@@ -148,7 +148,7 @@ def test_after_a_kill_and_a_resume_logs_hold_each_step_once(tmp_path):
 
 
 def test_atomic_directory_leaves_the_old_one_when_filling_fails(tmp_path):
-    from jit_tune.files import atomic_directory, atomic_write_text
+    from jit_tune.files import atomic_directory, atomic_write_bytes, atomic_write_text
 
     target = tmp_path / "out"
     with atomic_directory(target) as directory:
@@ -159,8 +159,8 @@ def test_atomic_directory_leaves_the_old_one_when_filling_fails(tmp_path):
             raise RuntimeError("killed")
     assert (target / "a.txt").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     atomic_write_text(tmp_path / "f.json", "{}")
-    with pytest.raises(TypeError):
-        atomic_write_text(tmp_path / "f.json", None)
+    with pytest.raises(TypeError):  # fails half-way, after the temporary file was opened
+        atomic_write_bytes(tmp_path / "f.json", "not bytes")
     assert (tmp_path / "f.json").read_text() == "{}"
 
 

@@ -4,8 +4,9 @@
 devices as described by libtpu (`pip install 'jit_tune[tpu]'`; no TPU needed), creates
 the model and optimizer state abstractly with the run's shardings, lowers and compiles
 the same `train_step` training runs, and reports per-chip memory against the chip's HBM
-and the FLOPs of one step. What does not fit fails here, in a minute on a laptop, and
-not an hour into a pod reservation.
+and the FLOPs of one step: XLA's count beside the model FLOPs (jit_tune/flops.py, what
+the training loop's MFU divides). What does not fit fails here, in a minute on a
+laptop, and not an hour into a pod reservation.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from ml_collections import ConfigDict
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError
 from jit_tune.data.pipeline import FEATURES
+from jit_tune.flops import training_flops_per_token
 from jit_tune.topology import Topology
-from jit_tune.train.state import create_model_and_optimizer
+from jit_tune.train.state import create_model_and_optimizer, decoder_config
 from jit_tune.train.step import train_step
 
-BATCH_FEATURES = FEATURES + ("segment_ids", "positions")
+BATCH_FEATURES = FEATURES + ("segment_ids", "positions", "task_ids")
 
 
 def topology_devices(topology: Topology) -> list:
@@ -71,7 +73,8 @@ class Report:
     argument_bytes: int
     output_bytes: int
     alias_bytes: int
-    flops_per_chip: float
+    flops_per_chip: float  # XLA's count
+    model_flops_per_step: float = 0.0  # flops.training_flops_per_token x tokens per step
     scanned_layers: bool = False  # the compiler's FLOPs then count the layer loop's body once
 
     @property
@@ -97,12 +100,15 @@ class Report:
         lines.append(f"  {'HBM of a ' + self.topology.generation.name + ' chip':<54}{hbm / gib:>9.2f}"
                      f"   ({100 * self.peak_bytes / hbm:.0f}% used: {fit})")
         total = self.flops_per_chip * chips
-        six_nt = f"6 x parameters x tokens = {6 * self.parameters * self.tokens_per_step:.3e}"
+        six_nt = 6 * self.parameters * self.tokens_per_step
+        model = (f"model FLOPs (jit_tune/flops.py: 6 x matmul weights + causal attention, what MFU divides) "
+                 f"{self.model_flops_per_step:.3e}; 6 x parameters x tokens {six_nt:.3e}")
         if self.scanned_layers:
-            lines.append(f"FLOPs per step: the compiler counts the scanned layer body once ({total:.3e}); "
-                         f"{six_nt}")
+            lines.append(f"FLOPs per step: XLA counts the scanned layer body once ({total:.3e})")
         else:
-            lines.append(f"FLOPs per step: {total:.3e} ({self.flops_per_chip:.3e} per chip; {six_nt})")
+            lines.append(f"FLOPs per step: XLA {total:.3e} ({self.flops_per_chip:.3e} per chip; with remat's "
+                         "recomputation and full attention scores)")
+        lines.append(f"  {model}")
         return "\n".join(lines)
 
 
@@ -127,7 +133,10 @@ def compile_train_step(config: ConfigDict, topology: Topology) -> Report:
     sharding = mesh_lib.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((d.batch_size, d.seq_len), jnp.int32, sharding=sharding) for k in BATCH_FEATURES}
     with mesh_lib.use_mesh(config, mesh):
-        lowered = train_step.lower(model, optimizer, batch, config.train.microbatches)
+        # The per-task sums' size only: the mixture's entries (groups included) stand in for
+        # its tasks, which are known once the task files are read.
+        lowered = train_step.lower(model, optimizer, batch, config.train.microbatches, config.train.loss_chunk,
+                                   len(config.data.mixture))
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
@@ -150,5 +159,6 @@ def compile_train_step(config: ConfigDict, topology: Topology) -> Report:
         output_bytes=memory.output_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes,
         flops_per_chip=float(cost.get("flops", 0.0)),
+        model_flops_per_step=training_flops_per_token(decoder_config(config), d.seq_len) * d.batch_size * d.seq_len,
         scanned_layers=config.model.scan_layers,
     )

@@ -26,6 +26,9 @@ class ConfigError(ValueError):
     pass
 
 
+WANDB_MISSING = "wandb is not installed: pip install 'jit_tune[wandb]'"
+
+
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # everything random derives from this and the step
@@ -76,6 +79,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Scan one stacked block over the layers (compile time independent of depth); needs
     # identical layers, and HF import/export read and write unstacked layers only.
     c.model.scan_layers = False
+    # Attention implementation (models/attention.py): "auto" (TPU: splash; GPU: pallas_gpu,
+    # or xla_chunked with sliding windows or soft-caps; CPU: xla), xla (the whole score
+    # matrix), xla_chunked (flash-style in pure JAX), splash or pallas_gpu (Pallas kernels).
+    c.model.attention = "auto"
 
     c.data = ml_collections.ConfigDict()
     # "builtin" (a BPE trained on the built-in tasks), "bpe" (a BPE trained on the
@@ -135,9 +142,16 @@ def default_config() -> ml_collections.ConfigDict:
     # the step's update, up to max_skipped_steps in a row before stopping.
     c.train.on_nonfinite = "stop"
     c.train.max_skipped_steps = 5
+    # The training loss computes float32 logits this many positions at a time, recomputing
+    # them in the backward pass, so [batch, seq_len, vocab] logits never exist (0: all at once).
+    c.train.loss_chunk = 1024
 
     c.logging = ml_collections.ConfigDict()
     c.logging.group = ""  # a group id runs share (a sweep's name): in every metrics.jsonl line and trackers
+    # Weights & Biases (pip install 'jit_tune[wandb]'), from process 0, beside metrics.jsonl and
+    # TensorBoard: project "" is off. mode: online, offline (files under $WANDB_DIR or the
+    # workdir, for `wandb sync`) or disabled. A resumed run continues the same W&B run.
+    c.logging.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "run_name": "", "mode": "online"})
 
     c.mesh = ml_collections.ConfigDict()
     # Sizes of the named mesh axes; one may be -1, filled with the remaining devices.
@@ -262,13 +276,23 @@ _HF_PARTS = (("config.json", ("config.json",)),
 
 def _take_architecture_from_hf(config: ml_collections.ConfigDict, where: str) -> None:
     """The model section follows the HF checkpoint, and the tokenizer (with its chat
-    template) comes from it too: pretrained weights mean nothing under another one."""
+    template) comes from it too: pretrained weights mean nothing under another one.
+    A GGUF file is converted here, at config load, once into a cache directory
+    (models/gguf.py), which is then read like any HF directory; init_from keeps
+    naming the .gguf file."""
     from jit_tune.models.hf import HFConfigError, decoder_fields_from_hf
 
     init_from = Path(config.model.init_from)
     field = f"{where}: config.model.init_from = {config.model.init_from!r}"
+    if init_from.is_file():
+        from jit_tune.models.gguf import GGUFError, cached_conversion
+
+        try:
+            init_from = cached_conversion(init_from)
+        except GGUFError as e:
+            raise ConfigError(f"{field}: {e}") from None
     if not init_from.is_dir():
-        raise ConfigError(f"{field}: no such directory; expected a Hugging Face model directory")
+        raise ConfigError(f"{field}: no such directory; expected a Hugging Face model directory or a .gguf file")
     if (init_from / "checkpoints").is_dir() and (init_from / "config.json").is_file() and \
             {"model", "data", "train"} <= set(json.loads((init_from / "config.json").read_text())):
         raise ConfigError(f"{field} is a jit-tune workdir; export it first (jit-tune export --workdir {init_from} "
@@ -289,8 +313,8 @@ def _take_architecture_from_hf(config: ml_collections.ConfigDict, where: str) ->
     except HFConfigError as e:
         raise ConfigError(str(e)) from None
     config.model.family = values.get("model_type", config.model.family)
-    if config.data.tokenizer == "builtin":
-        config.data.tokenizer = config.model.init_from
+    if config.data.tokenizer == "builtin":  # a GGUF's tokenizer is in its conversion
+        config.data.tokenizer = config.model.init_from if Path(config.model.init_from).is_dir() else str(init_from)
         config.data.tokenizer_vocab_size = config.model.vocab_size
 
 
@@ -384,6 +408,9 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("model.scan_layers", not m.scan_layers or len(set(m.layer_types)) <= 1,
           "false when model.layer_types mixes full and sliding layers (scanned layers are identical)")
     check("model.remat", m.remat in ("none", "full", "dots"), "'none', 'full' or 'dots'")
+    check("model.attention", m.attention in ("auto", "xla", "xla_chunked", "splash", "pallas_gpu") and not (
+          m.attention == "pallas_gpu" and (m.attn_softcap or (m.sliding_window and "sliding" in m.layer_types))),
+          "auto, xla, xla_chunked, splash or pallas_gpu (pallas_gpu: no attn_softcap or sliding layers)")
     check("model.param_dtype", m.param_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.rope_theta", m.rope_theta > 0, "a positive number")
     check("model.rope_scaling", m.rope_scaling in ("default", "linear", "llama3"), "'default', 'linear' or 'llama3'")
@@ -432,6 +459,12 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("train.on_nonfinite", t.on_nonfinite in ("stop", "skip"), "'stop' or 'skip'")
     for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_skipped_steps", "microbatches"):
         check(f"train.{key}", isinstance(t[key], int) and t[key] > 0, "a positive integer")
+    check("train.loss_chunk", isinstance(t.loss_chunk, int) and t.loss_chunk >= 0, "an integer >= 0 (0: unchunked)")
+    w = config.logging.wandb
+    check("logging.wandb.mode", w.mode in ("online", "offline", "disabled"), "'online', 'offline' or 'disabled'")
+    # Not for a saved run reloaded to export or evaluate (check_files off): it logs nothing.
+    check("logging.wandb.project", not w.project or not check_files or importlib.util.find_spec("wandb") is not None,
+          f"'' (off), since {WANDB_MISSING}")
     sizes = dict(config.mesh.shape)
     check("mesh.shape", set(sizes) == {"data", "fsdp", "tensor"}, "the axes data, fsdp and tensor")
     check("mesh.shape", all(isinstance(s, int) and (s > 0 or s == -1) for s in sizes.values())

@@ -24,6 +24,8 @@ from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec
 
+from jit_tune.models.attention import attention, resolve
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -69,6 +71,11 @@ class DecoderConfig:
     # One scanned, stacked block instead of n_layers unrolled ones: compile time and
     # program size stop growing with depth. Needs identical layers (no mixed layer_types).
     scan_layers: bool = False
+    # Attention implementation (models/attention.py): xla, xla_chunked, splash, pallas_gpu,
+    # or "auto", resolved when a layer is traced, by the backend of the process running it
+    # (a saved "auto" picks the kernel of wherever the model is loaded). Cached decoding
+    # always uses xla.
+    attention: str = "xla"
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
@@ -216,16 +223,12 @@ class Attention(nnx.Module):
             kv_slots = jnp.arange(k.shape[1])
             new_cache_kv = (k, v)
 
-        b, l, _, h = q.shape
-        q_BxLxKxGxH = q.reshape(b, l, c.n_kv_heads, c.n_heads // c.n_kv_heads, h)
-        logits = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k, preferred_element_type=jnp.float32)
-        logits = _softcap(logits * (c.query_pre_attn_scalar or h) ** -0.5, c.attn_softcap)
-        window = c.sliding_window if self.sliding else 0
-        mask_BxLxS = attention_mask(segment_ids_BxL, kv_segment, slots_L, kv_slots, window)
-        # A finite fill keeps fully masked rows (padding) free of NaNs; their loss is masked.
-        logits = jnp.where(mask_BxLxS[:, None, None], logits, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("bkgls,bskh->blkgh", probs, v).reshape(b, l, c.n_heads, h)
+        # Decoding's queries are a step or a prompt against cache slots: the reference takes
+        # any slots; the kernels assume training's (q and kv one sequence, slots = arange).
+        implementation = "xla" if cache_kv is not None else resolve(c.attention, c)
+        out = attention(q, k, v, segment_ids_BxL, kv_segment, slots_L, kv_slots,
+                        window=c.sliding_window if self.sliding else 0, softcap=c.attn_softcap,
+                        scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5, implementation=implementation)
         return jnp.einsum("blnh,nhd->bld", out, self.o_NxHxD[...].astype(dt)), new_cache_kv
 
 
@@ -293,9 +296,13 @@ class Decoder(nnx.Module):
         segment_ids_BxL: jax.Array,
         cache: KVCache | None = None,
         last_only: bool = False,
+        hidden_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Float32 logits [B, L, V] ([B, 1, V] for the last position only, with
-        `last_only`), and the updated cache when one is given."""
+        `last_only`), and the updated cache when one is given. With `hidden_only`, the
+        final normed hidden states [B, L, D] instead: the training loss projects them to
+        the vocabulary a chunk at a time (`vocab_logits` with `unembedding()`), so the
+        whole [B, L, V] never exists."""
         c = self.config
         x = self.embed_VxD[...].astype(c.compute_dtype)[tokens_BxL]
         if c.embed_scale:
@@ -327,15 +334,26 @@ class Decoder(nnx.Module):
         if last_only:  # a prefill samples from the last position alone: skip [B, L, V] logits
             x = x[:, -1:]
         x = self.final_norm(x)
-        unembed = self.embed_VxD[...].T if c.tie_embeddings else self.unembed_DxV[...]
-        logits = jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype), preferred_element_type=jnp.float32)
-        logits = constrain(_softcap(logits, c.final_softcap), "batch", "length", "vocab")
+        logits = x if hidden_only else vocab_logits(x, self.unembedding(), c.final_softcap)
         if cache is None:
             return logits, None
         if not c.scan_layers:
             new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
         new_cache = KVCache(new_k, new_v, kv_segment, cache.index + tokens_BxL.shape[1])
         return logits, new_cache
+
+    def unembedding(self) -> jax.Array:
+        """The output projection [D, V] in the compute dtype (the embedding's transpose
+        when tied); `vocab_logits` applies it with config.final_softcap."""
+        unembed = self.embed_VxD[...].T if self.config.tie_embeddings else self.unembed_DxV[...]
+        return unembed.astype(self.config.compute_dtype)
+
+
+def vocab_logits(x_BxLxD: jax.Array, unembed_DxV: jax.Array, softcap: float) -> jax.Array:
+    """Float32 logits of final hidden states, softcapped: of every position, or of one
+    chunk of positions (train/step.py's chunked loss)."""
+    logits = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV, preferred_element_type=jnp.float32)
+    return constrain(_softcap(logits, softcap), "batch", "length", "vocab")
 
 
 def _stacked_blocks(config: DecoderConfig, rngs: nnx.Rngs) -> Block:

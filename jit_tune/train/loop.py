@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, config_to_dict, save_config
-from jit_tune.data.pipeline import DROP_REASONS, run_tokenizer, train_dataset
+from jit_tune.data.pipeline import run_tokenizer, train_dataset
 from jit_tune.data.registry import TaskRegistry, build_registry
 from jit_tune.data.streams import StreamsIterator
 from jit_tune.data.tokenizer import save_tokenizer
@@ -34,12 +34,14 @@ from jit_tune.eval import evaluator, report
 from jit_tune.models.decoder import Decoder
 from jit_tune.files import written_by_main
 from jit_tune.train.checkpoint import Checkpointer
-from jit_tune.train.metrics import MetricsWriter, Progress, Throughput
+from jit_tune.flops import peak_flops_per_device, training_flops_per_token
+from jit_tune.train.metrics import DataStats, Progress, TaskLosses, Throughput
 from jit_tune.train.optimizer import learning_rate_schedule
 from jit_tune.train.preemption import SIGNALS, Preempted
 from jit_tune.train.resume import ResumeError, check_resume
-from jit_tune.train.state import create_model_and_optimizer
+from jit_tune.train.state import create_model_and_optimizer, decoder_config
 from jit_tune.train.step import train_step
+from jit_tune.train.trackers import Trackers, open_trackers
 
 
 def status(message: str) -> None:
@@ -130,7 +132,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     registry, tokenizer, mesh, model = run.registry, run.tokenizer, run.mesh, run.model
     optimizer, data_iterator, checkpointer, step = run.optimizer, run.data_iterator, run.checkpointer, run.step
     t = config.train
-    writer = MetricsWriter(workdir, step, config.logging.group)
+    writer = open_trackers(config, workdir, step)
     schedule = learning_rate_schedule(config)
     is_main = jax.process_index() == 0
     progress = Progress(t.steps, step, enabled=is_main)
@@ -138,28 +140,33 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     # t+1 (and reading its batch), so it never stalls the device, and progress counts
     # finished steps rather than queued ones.
     in_flight = None
-    throughput = Throughput()
+    throughput = Throughput(flops_per_token=training_flops_per_token(decoder_config(config), config.data.seq_len),
+                            devices=jax.device_count(), peak_flops=peak_flops_per_device(jax.devices()[0].device_kind))
     guard = _NonfiniteGuard(t.on_nonfinite == "skip", t.max_skipped_steps, progress)
-    data_stats = _DataStats(list(registry.rates))
+    tasks = list(registry.rates)  # task_ids count from 1 in this order
+    data_stats, task_losses = DataStats(tasks), TaskLosses(tasks)
     last_step = min(t.steps, stop_at_step or t.steps)
     first_step = step + 1
 
     def finish(pending) -> None:
-        step_done, metrics, tokens, counts, log = pending
-        loss = float(metrics["loss"])  # blocks until the step is done
+        step_done, metrics, tokens, slots, counts, log = pending
+        metrics = jax.device_get(metrics)  # blocks until the step is done
+        loss = float(metrics["loss"])
         if step_done == first_step:  # its time is mostly compilation
             throughput.restart()
         else:
-            throughput.add(tokens)
+            throughput.add(tokens, slots)
         data_stats.add(counts)
+        task_losses.add(metrics)
         progress.update(1)
         guard.check(step_done, loss)
         if log:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            values = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
             if guard.skipped:
                 values["skipped_steps"] = guard.skipped
-            values.update(lr=float(schedule(step_done - 1)), tokens_per_sec=throughput.take(), **data_stats.take())
-            writer.write(step_done, values)
+            values.update(lr=float(schedule(step_done - 1)), **throughput.take_values(), **data_stats.take(),
+                          **task_losses.take())
+            writer.log(step_done, values)
             progress.log(values)
 
     try:
@@ -186,13 +193,15 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                 # Counted now, added to the logged windows when the step finishes.
                 counts = data_stats.count(local)
                 tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+                slots = local["segment_ids"].size * jax.process_count()
                 if step == first_step - 1:
                     progress.write("Compiling the train step (the first step; once per process and shape)")
-                metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh), t.microbatches)
+                metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh), t.microbatches,
+                                     t.loss_chunk, len(tasks))
                 step += 1
                 if in_flight is not None:
                     finish(in_flight)
-                in_flight = (step, metrics, tokens, counts, step % t.log_every == 0 or step == last_step)
+                in_flight = (step, metrics, tokens, slots, counts, step % t.log_every == 0 or step == last_step)
                 if step % t.checkpoint_every == 0 or step == last_step:
                     # Checked before saving, so a non-finite loss never reaches a checkpoint.
                     finish(in_flight)
@@ -239,51 +248,12 @@ class _NonfiniteGuard:
         self.progress.write(f"step {step}: loss is {loss}; its update was skipped (train.on_nonfinite = 'skip')")
 
 
-class _DataStats:
-    """What this process's rows held since the last report: each task's share of the
-    examples that start in them (the mixture as trained, beside the configured rates),
-    the share of real tokens, examples per row, truncated examples, and the examples
-    left out before them (counted where they were rendered, workers included)."""
-
-    def __init__(self, tasks: list[str]):
-        self.tasks = tasks
-        # [examples of task 0..n-1, real tokens, token slots, rows, truncated, dropped by reason...]
-        self.counts = np.zeros(len(tasks) + 4 + len(DROP_REASONS), np.int64)
-        self.bad_records = 0
-
-    def count(self, local: dict[str, np.ndarray]) -> np.ndarray:
-        """This batch's counts; pops the host-side features."""
-        task_ids, truncated = local.pop("task_ids"), local.pop("truncated")
-        dropped = [int(local.pop(f"dropped_{reason}").sum()) for reason in DROP_REASONS]
-        starts = (local["positions"] == 0) & (local["segment_ids"] > 0)
-        per_task = np.bincount(task_ids[starts], minlength=len(self.tasks) + 1)[1:]
-        real = int((local["segment_ids"] > 0).sum())
-        return np.concatenate([per_task, [real, task_ids.size, len(task_ids), int(truncated[starts].sum())], dropped])
-
-    def add(self, counts: np.ndarray) -> None:
-        self.counts += counts
-
-    def take(self) -> dict[str, float]:
-        n = len(self.tasks)
-        examples = int(self.counts[:n].sum())
-        real, slots, rows, truncated = (int(c) for c in self.counts[n:n + 4])
-        dropped = dict(zip(DROP_REASONS, (int(c) for c in self.counts[n + 4:])))
-        self.bad_records += dropped["bad_record"]
-        stats = {f"mixture/{t}": self.counts[i] / max(examples, 1) for i, t in enumerate(self.tasks)}
-        stats.update({"data/packing_efficiency": real / max(slots, 1), "data/examples_per_row": examples / max(rows, 1),
-                      "data/truncated": truncated, "data/dropped_too_long": dropped["too_long"],
-                      "data/dropped_no_trained_token": dropped["no_trained_token"],
-                      "data/skipped_bad_records": dropped["bad_record"]})
-        self.counts[:] = 0
-        return stats
-
-
 def _evaluate(model, tokenizer, config: ConfigDict, registry: TaskRegistry, step: int, workdir: Path,
-              writer: MetricsWriter, progress: Progress) -> dict:
+              writer: Trackers, progress: Progress) -> dict:
     progress.write(f"Evaluating at step {step}")
     results = evaluator.evaluate(model, tokenizer, config, registry)
     if jax.process_index() == 0:
         report.print_table(results, step)
         report.save_results(results, step, workdir, config.eval.predictions)
-        writer.write(step, report.log_values(results))
+        writer.log(step, report.log_values(results))
     return results

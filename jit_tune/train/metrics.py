@@ -1,99 +1,39 @@
-"""What a run reports: metrics.jsonl and TensorBoard (process 0 only), the progress a
-person reads (a bar in a terminal, one plain line per logging window in a log file),
-and throughput measured over training time only."""
+"""What a run reports, besides where it goes (train/trackers.py): the progress a person
+reads (a bar in a terminal, one plain line per logging window in a log file),
+throughput and MFU measured over training time only, and each task's training loss."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
-from pathlib import Path
 
-import jax
-from tensorboardX import SummaryWriter
+import numpy as np
 from tqdm import tqdm
 
-from jit_tune.files import atomic_write_text
-
-
-def _read_records(path: Path) -> list[dict]:
-    """The whole JSON lines of metrics.jsonl; a line cut short by a kill is dropped."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-class MetricsWriter:
-    """One JSON line per step in metrics.jsonl (the values logged for a step, e.g. its
-    training metrics and then its eval results, are merged into its line) and the same
-    scalars in TensorBoard.
-
-    A run resumed at `start_step` first drops what the interrupted run logged after
-    that step (it is about to be logged again) and tells TensorBoard to purge those
-    events, so neither holds a step twice."""
-
-    def __init__(self, workdir: Path, start_step: int = 0, group: str = ""):
-        self.enabled, self.group = jax.process_index() == 0, group
-        if not self.enabled:
-            return
-        self.path = Path(workdir) / "metrics.jsonl"
-        kept = [r for r in _read_records(self.path) if isinstance(r.get("step"), int) and r["step"] <= start_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.jsonl = open(self.path, "r+")
-        self.jsonl.seek(0, 2)
-        self.last, self.last_offset = (kept[-1], self.jsonl.tell() - len(json.dumps(kept[-1])) - 1) if kept else (
-            None, 0)
-        # purge_step: TensorBoard discards the events of earlier runs from this step on;
-        # the kept line of start_step itself is written again.
-        self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step or None)
-        if self.last and self.last["step"] == start_step:
-            self._scalars(start_step, {k: v for k, v in self.last.items() if k != "step"})
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        if self.last is not None and self.last["step"] == step:  # more values for the last line
-            record = {**self.last, **metrics}
-            self.jsonl.seek(self.last_offset)
-            self.jsonl.truncate()
-        else:
-            record = {"step": step, **({"group": self.group} if self.group else {}), **metrics}
-            self.last_offset = self.jsonl.tell()
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        self.last = record
-        self._scalars(step, metrics)
-
-    def _scalars(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tensorboard.close()
+from jit_tune.data.pipeline import DROP_REASONS
 
 
 class Throughput:
     """Tokens per second of training time since the last report: time spent where
     `excluded()` says (evaluation) does not count, and `restart()` starts a window
-    afresh (after the first step, whose time is mostly compilation)."""
+    afresh (after the first step, whose time is mostly compilation).
 
-    def __init__(self, clock=time.perf_counter):
-        self.clock = clock
+    Real tokens and all token slots (padding too) are counted apart. With the model's
+    FLOPs per token (jit_tune/flops.py) it also reports TFLOP/s per device, over every
+    slot since the device computes them all, and with the devices' peak, MFU."""
+
+    def __init__(self, clock=time.perf_counter, flops_per_token: float = 0.0, devices: int = 1,
+                 peak_flops: float | None = None):
+        self.clock, self.flops_per_token, self.devices, self.peak_flops = clock, flops_per_token, devices, peak_flops
         self.restart()
 
     def restart(self) -> None:
-        self.tokens, self.start, self.skipped = 0, self.clock(), 0.0
+        self.tokens, self.slots, self.start, self.skipped = 0, 0, self.clock(), 0.0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, slots: int = 0) -> None:
         self.tokens += tokens
+        self.slots += slots
 
     @contextlib.contextmanager
     def excluded(self):
@@ -104,10 +44,84 @@ class Throughput:
             self.skipped += self.clock() - began
 
     def take(self) -> float:
-        elapsed = self.clock() - self.start - self.skipped
-        rate = self.tokens / max(elapsed, 1e-9)
+        """Real tokens per second, and a new window."""
+        return self.take_values()["tokens_per_sec"]
+
+    def take_values(self) -> dict[str, float]:
+        """tokens_per_sec, tokens_per_sec_padded, tflops_per_device and mfu (when known),
+        and a new window."""
+        elapsed = max(self.clock() - self.start - self.skipped, 1e-9)
+        values = {"tokens_per_sec": self.tokens / elapsed, "tokens_per_sec_padded": self.slots / elapsed}
+        if self.flops_per_token:
+            flops = self.flops_per_token * self.slots / elapsed / self.devices
+            values["tflops_per_device"] = flops / 1e12
+            if self.peak_flops:
+                values["mfu"] = flops / self.peak_flops
         self.restart()
-        return rate
+        return values
+
+
+class TaskLosses:
+    """Each task's training loss (the mean over its trained tokens) and trained tokens
+    over a logging window, from the train step's per-task sums: the mixture as trained,
+    in tokens."""
+
+    def __init__(self, tasks: list[str]):
+        self.tasks = tasks
+        self.loss_sums, self.tokens = np.zeros(len(tasks)), np.zeros(len(tasks))
+
+    def add(self, metrics: dict[str, np.ndarray]) -> None:
+        self.loss_sums += metrics["task_loss_sums"]
+        self.tokens += metrics["task_tokens"]
+
+    def take(self) -> dict[str, float]:
+        values = {}
+        for task, loss_sum, tokens in zip(self.tasks, self.loss_sums, self.tokens):
+            if tokens:  # a task with no trained token in the window has no loss to show
+                values[f"train/loss/{task}"] = float(loss_sum / tokens)
+            values[f"train/tokens/{task}"] = int(tokens)
+        self.loss_sums[:], self.tokens[:] = 0, 0
+        return values
+
+
+class DataStats:
+    """What this process's rows held since the last report: each task's share of the
+    examples that start in them (the mixture as trained, beside the configured rates),
+    the share of real tokens, examples per row, truncated examples, and the examples
+    left out before them (counted where they were rendered, workers included)."""
+
+    def __init__(self, tasks: list[str]):
+        self.tasks = tasks
+        # [examples of task 0..n-1, real tokens, token slots, rows, truncated, dropped by reason...]
+        self.counts = np.zeros(len(tasks) + 4 + len(DROP_REASONS), np.int64)
+        self.bad_records = 0
+
+    def count(self, local: dict[str, np.ndarray]) -> np.ndarray:
+        """This batch's counts; pops the host-side features but task_ids, which the
+        train step takes too (for per-task losses)."""
+        task_ids, truncated = local["task_ids"], local.pop("truncated")
+        dropped = [int(local.pop(f"dropped_{reason}").sum()) for reason in DROP_REASONS]
+        starts = (local["positions"] == 0) & (local["segment_ids"] > 0)
+        per_task = np.bincount(task_ids[starts], minlength=len(self.tasks) + 1)[1:]
+        real = int((local["segment_ids"] > 0).sum())
+        return np.concatenate([per_task, [real, task_ids.size, len(task_ids), int(truncated[starts].sum())], dropped])
+
+    def add(self, counts: np.ndarray) -> None:
+        self.counts += counts
+
+    def take(self) -> dict[str, float]:
+        n = len(self.tasks)
+        examples = int(self.counts[:n].sum())
+        real, slots, rows, truncated = (int(c) for c in self.counts[n:n + 4])
+        dropped = dict(zip(DROP_REASONS, (int(c) for c in self.counts[n + 4:])))
+        self.bad_records += dropped["bad_record"]
+        stats = {f"mixture/{t}": self.counts[i] / max(examples, 1) for i, t in enumerate(self.tasks)}
+        stats.update({"data/packing_efficiency": real / max(slots, 1), "data/examples_per_row": examples / max(rows, 1),
+                      "data/truncated": truncated, "data/dropped_too_long": dropped["too_long"],
+                      "data/dropped_no_trained_token": dropped["no_trained_token"],
+                      "data/skipped_bad_records": dropped["bad_record"]})
+        self.counts[:] = 0
+        return stats
 
 
 class Progress:
@@ -133,13 +147,19 @@ class Progress:
         if not self.enabled:
             return
         shown = {"loss": f"{values['loss']:.4f}", "tok_s": f"{values['tokens_per_sec']:,.0f}"}
+        if "mfu" in values:
+            shown["mfu"] = f"{values['mfu']:.1%}"
         if self.bar:
             self.bar.set_postfix(**shown)
             return
         elapsed = time.monotonic() - self.start
+        speed = f"tokens/s {shown['tok_s']} (padded {values.get('tokens_per_sec_padded', 0):,.0f})"
+        if "tflops_per_device" in values:
+            speed += f"  TFLOP/s/device {values['tflops_per_device']:.3g}"
+        if "mfu" in shown:
+            speed += f"  MFU {shown['mfu']}"
         print(f"step {self.step}/{self.total}  loss {shown['loss']}  grad_norm {values.get('grad_norm', 0):.3f}  "
-              f"lr {values.get('lr', 0):.3g}  tokens/s {shown['tok_s']}  elapsed {_duration(elapsed)}",
-              file=self.stream, flush=True)
+              f"lr {values.get('lr', 0):.3g}  {speed}  elapsed {_duration(elapsed)}", file=self.stream, flush=True)
 
     def write(self, message: str) -> None:
         if not self.enabled:

@@ -1,4 +1,12 @@
-"""The train step and the evaluation loss: one jitted function each, at every scale."""
+"""The train step and the evaluation loss: one jitted function each, at every scale.
+
+The training loss never holds float32 logits for the whole batch ([B, L, V] is 4 GiB per
+row of 8k tokens over a 128k vocabulary): `chunked_token_losses` projects the final
+hidden states to the vocabulary `loss_chunk` positions at a time, in a loop whose body
+is rematerialized, so the backward pass recomputes each chunk's logits instead of
+keeping them (MaxText's vocabulary tiling, Levanter's blockwise cross-entropy). Only
+one chunk's logits, [B, loss_chunk, V], are alive at a time, forward or backward.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +17,60 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jit_tune.mesh import BATCH_SPEC
-from jit_tune.models.decoder import Decoder
+from jit_tune.models.decoder import Decoder, constrain, vocab_logits
+
+LOSS_CHUNK = 1024  # config.train.loss_chunk's default
 
 
 def token_losses(model: Decoder, batch: dict[str, jax.Array]) -> jax.Array:
-    """Cross-entropy of every target token [B, L]; the caller applies the loss mask."""
+    """Cross-entropy of every target token [B, L] from the full logits; the caller
+    applies the loss mask. (Evaluation and scoring; training uses the chunked path.)"""
     logits_BxLxV, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
 
 
-def _summed_loss(params: nnx.State, graphdef, rest: nnx.State, batch: dict[str, jax.Array]):
-    """Sum of trained-token losses, and the trained-token count, of one (micro)batch."""
+def chunked_token_losses(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array,
+                         softcap: float, chunk: int) -> jax.Array:
+    """Cross-entropy of every target token [B, L], computing the logits of `chunk`
+    positions at a time (0, or a chunk >= L: all at once). L need not be a multiple of
+    the chunk: the last chunk is padded, and the padding's losses are dropped."""
+    def losses(x_BxCxD, targets_BxC):
+        return optax.softmax_cross_entropy_with_integer_labels(vocab_logits(x_BxCxD, unembed_DxV, softcap),
+                                                               targets_BxC)
+
+    b, length, d = hidden_BxLxD.shape
+    if not chunk or chunk >= length:
+        return losses(hidden_BxLxD, targets_BxL)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    # [n, B, C, ...]: each step of the loop takes a chunk of every row, so rows keep
+    # their sharding over the batch axes.
+    x_NxBxCxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    x_NxBxCxD = constrain(x_NxBxCxD, None, "batch", "length", "activation_embed")
+    t_NxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+    # checkpoint: the backward pass keeps only each chunk's inputs and recomputes its
+    # logits (prevent_cse is not needed inside a loop and would only slow it).
+    body = jax.checkpoint(lambda xs: losses(*xs), prevent_cse=False)
+    losses_NxBxC = jax.lax.map(body, (x_NxBxCxD, t_NxBxC))
+    return losses_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+
+
+def _summed_loss(params: nnx.State, graphdef, rest: nnx.State, batch: dict[str, jax.Array], loss_chunk: int,
+                 num_tasks: int):
+    """Sum of trained-token losses of one (micro)batch, and (not differentiated) its
+    trained-token count and, with `num_tasks`, each task's loss sum and trained tokens."""
     model = nnx.merge(graphdef, params, rest)
+    hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], hidden_only=True)
+    losses = chunked_token_losses(hidden, model.unembedding(), batch["targets"], model.config.final_softcap,
+                                  loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
-    return (token_losses(model, batch) * mask).sum(), mask.sum()
+    masked = losses * mask
+    sums = {"trained_tokens": mask.sum()}
+    if num_tasks:  # task_ids: 1 + the task's index in the mixture; 0 for padding, dropped
+        def per_task(x):
+            return jax.ops.segment_sum(x.ravel(), batch["task_ids"].ravel(), num_tasks + 1)[1:]
+        sums.update(task_loss_sums=per_task(masked), task_tokens=per_task(mask))
+    return masked.sum(), sums
 
 
 def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -34,26 +82,43 @@ def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
     return jax.tree.map(split, batch)
 
 
-@nnx.jit(donate_argnums=(0, 1), static_argnames="microbatches")
-def train_step(model: Decoder, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
-               microbatches: int = 1) -> dict[str, jax.Array]:
-    """One optimizer step on a global batch, in `microbatches` sequential slices (gradient
-    accumulation). The loss is the sum of trained-token losses over the whole global
-    batch over its trained-token count, whatever the mesh, packing or slicing; the batch
-    is a global array, so these sums already span every host."""
+def summed_loss_and_grads(model: Decoder, batch: dict[str, jax.Array], microbatches: int = 1,
+                          loss_chunk: int = LOSS_CHUNK, num_tasks: int = 0) -> tuple[dict, nnx.State]:
+    """The sums over the whole batch (`_summed_loss`'s, with the loss sum as "loss_sum")
+    and the gradient of the loss sum, in `microbatches` sequential slices (gradient
+    accumulation). Traced inside train_step; tests jit it on its own."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     grad_fn = jax.value_and_grad(_summed_loss, has_aux=True)
 
     def accumulate(totals, micro):
-        (loss_sum, n_trained), grads = grad_fn(params, graphdef, rest, micro)
-        return jax.tree.map(jnp.add, totals, (loss_sum, n_trained, grads)), None
+        (loss_sum, sums), grads = grad_fn(params, graphdef, rest, micro, loss_chunk, num_tasks)
+        return jax.tree.map(jnp.add, totals, ({"loss_sum": loss_sum, **sums}, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss_sum, n_trained, grads), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, microbatches))
-    denominator = jnp.maximum(n_trained, 1.0)
+    zero = jnp.zeros((), jnp.float32)
+    sums = {"loss_sum": zero, "trained_tokens": zero}
+    if num_tasks:
+        sums.update(task_loss_sums=jnp.zeros(num_tasks), task_tokens=jnp.zeros(num_tasks))
+    (sums, grads), _ = jax.lax.scan(accumulate, (sums, jax.tree.map(jnp.zeros_like, params)),
+                                    _microbatches(batch, microbatches))
+    return sums, grads
+
+
+@nnx.jit(donate_argnums=(0, 1), static_argnames=("microbatches", "loss_chunk", "num_tasks"))
+def train_step(model: Decoder, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], microbatches: int = 1,
+               loss_chunk: int = LOSS_CHUNK, num_tasks: int = 0) -> dict[str, jax.Array]:
+    """One optimizer step on a global batch, in `microbatches` sequential slices (gradient
+    accumulation). The loss is the sum of trained-token losses over the whole global
+    batch over its trained-token count, whatever the mesh, packing, slicing or loss
+    chunking; the batch is a global array, so these sums already span every host.
+
+    With `num_tasks` (the batch then holds `task_ids`), the metrics also hold each
+    task's summed loss and trained tokens [num_tasks], for per-task training curves."""
+    sums, grads = summed_loss_and_grads(model, batch, microbatches, loss_chunk, num_tasks)
+    denominator = jnp.maximum(sums["trained_tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     optimizer.update(model, grads)
-    return {"loss": loss_sum / denominator, "trained_tokens": n_trained, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": sums.pop("loss_sum") / denominator, "grad_norm": optax.tree.norm(grads)}
+    return {**metrics, **sums}
 
 
 @nnx.jit

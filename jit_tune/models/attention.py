@@ -1,0 +1,259 @@
+"""Attention: one function, several implementations, chosen by `config.model.attention`.
+
+Every implementation computes the same thing: a query attends a key only within the
+same non-zero segment (packed examples never see each other; segment 0 is padding), not
+in the future (kv_slot <= q_slot), and with `window` > 0 only the last `window` slots;
+logits are scaled by `scale` and, with `softcap` > 0, soft-capped as cap * tanh(x / cap).
+Rows with no key to attend (padding) give a finite output and finite gradients; their
+loss is masked.
+
+  xla          the reference: the whole [B, K, G, L, S] float32 score matrix and a masked
+               softmax. Any slots (it also serves cached decoding).
+  xla_chunked  pure JAX, flash-style: a scan over key/value blocks with an online softmax,
+               never the whole score matrix; each block is recomputed in the backward pass.
+  splash       TPU Pallas splash attention. Training layout only: q and kv the same
+               sequence with slots = arange (causal and local masks are static).
+  pallas_gpu   the Pallas Triton flash attention for GPUs. Training layout only; it has
+               no sliding window and no soft-cap.
+
+Not here: cuDNN through jax.nn.dot_product_attention. It takes no segment ids, so packed
+rows would attend across examples (MaxText issue 4476).
+
+Pallas kernels run in interpret mode where the mesh's platform is not theirs, so the
+tests run them on CPU. Mosaic and Triton kernels cannot be partitioned by the compiler:
+under a mesh they run per shard in a shard_map over the batch (and heads) axes.
+
+Shape suffixes: B batch, L query length, S key length, N query heads, K key/value heads,
+G = N // K, H head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax.core.spmd import get_logical_axis_rules
+from jax.sharding import PartitionSpec as P
+
+# A finite fill for masked logits: fully masked rows stay free of NaN (exp(0) = 1, not 0/0).
+MASKED = -1e30
+
+# config.model.attention = "auto" on a CPU host: one line, so a benchmark can change it.
+CPU_DEFAULT = "xla"
+
+
+def attention_mask(q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, window: int = 0) -> jax.Array:
+    """True where a query may attend a key: same non-padding segment, not in the future,
+    and with a window, fewer than `window` slots back (a segment's slots are contiguous)."""
+    same_segment = q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
+    causal = kv_slot_S[None, None, :] <= q_slot_L[None, :, None]
+    mask = same_segment & causal & (kv_segment_BxS[:, None, :] != 0)
+    if window:
+        mask &= kv_slot_S[None, None, :] > q_slot_L[None, :, None] - window
+    return mask
+
+
+def _softcap(x: jax.Array, cap: float) -> jax.Array:
+    return cap * jnp.tanh(x / cap) if cap else x
+
+
+def _masked_logits(q_BxLxKxGxH, k_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S,
+                   window: int, softcap: float, scale: float) -> jax.Array:
+    """Float32 scores [B, K, G, L, S], masked ones set to MASKED."""
+    logits = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
+    logits = _softcap(logits * scale, softcap)
+    mask_BxLxS = attention_mask(q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, window)
+    return jnp.where(mask_BxLxS[:, None, None], logits, MASKED)
+
+
+def _grouped(q_BxLxNxH: jax.Array, kv_heads: int) -> jax.Array:
+    b, l, n, h = q_BxLxNxH.shape
+    return q_BxLxNxH.reshape(b, l, kv_heads, n // kv_heads, h)
+
+
+def xla(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, *,
+        window: int = 0, softcap: float = 0.0, scale: float) -> jax.Array:
+    """The reference: the whole score matrix, a masked softmax over it."""
+    b, l, n, h = q_BxLxNxH.shape
+    logits = _masked_logits(_grouped(q_BxLxNxH, k_BxSxKxH.shape[2]), k_BxSxKxH, q_segment_BxL, kv_segment_BxS,
+                            q_slot_L, kv_slot_S, window, softcap, scale)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q_BxLxNxH.dtype)
+    return jnp.einsum("bkgls,bskh->blkgh", probs, v_BxSxKxH).reshape(b, l, n, h)
+
+
+def xla_chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, *,
+                window: int = 0, softcap: float = 0.0, scale: float, block: int = 512) -> jax.Array:
+    """Flash-style in pure JAX: scan over key/value blocks keeping a running max, sum and
+    weighted sum of values per query; memory is [B, K, G, L, block], not [..., L, S]."""
+    b, l, n, h = q_BxLxNxH.shape
+    s, kv_heads = k_BxSxKxH.shape[1:3]
+    block = min(block, s)
+    blocks = -(-s // block)
+    pad = blocks * block - s
+    # Padded keys get segment 0: masked for every query.
+    k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k_BxSxKxH, v_BxSxKxH))
+    kv_segment = jnp.pad(kv_segment_BxS, ((0, 0), (0, pad)))
+    kv_slot = jnp.pad(kv_slot_S, (0, pad))
+    # Blocks on the leading axis, which scan walks.
+    k_blocks, v_blocks = (x.reshape(b, blocks, block, kv_heads, h).swapaxes(0, 1) for x in (k, v))
+    xs = (k_blocks, v_blocks, kv_segment.reshape(b, blocks, block).swapaxes(0, 1), kv_slot.reshape(blocks, block))
+    q_BxLxKxGxH = _grouped(q_BxLxNxH, kv_heads)
+
+    # Recomputed in the backward pass: only the (max, sum, acc) carries are kept per block.
+    @partial(jax.checkpoint, prevent_cse=False)
+    def step(carry, block_xs):
+        max_BxKxGxL, sum_BxKxGxL, acc_BxKxGxLxH = carry
+        k_b, v_b, segment_b, slot_b = block_xs
+        logits = _masked_logits(q_BxLxKxGxH, k_b, q_segment_BxL, segment_b, q_slot_L, slot_b, window, softcap, scale)
+        # The max only keeps exp in range; the result does not depend on it, so no gradient.
+        new_max = jax.lax.stop_gradient(jnp.maximum(max_BxKxGxL, logits.max(-1)))
+        # A row masked so far has max MASKED and sums exp(0) = 1 per masked key (finite,
+        # like the reference's uniform softmax); its first real key makes this 0.
+        correction = jnp.exp(max_BxKxGxL - new_max)
+        probs = jnp.exp(logits - new_max[..., None])
+        acc_BxKxGxLxH = acc_BxKxGxLxH * correction[..., None] + jnp.einsum(
+            "bkgls,bskh->bkglh", probs.astype(v_b.dtype), v_b, preferred_element_type=jnp.float32)
+        return (new_max, sum_BxKxGxL * correction + probs.sum(-1), acc_BxKxGxLxH), None
+
+    stats_shape = q_BxLxKxGxH.shape[:1] + q_BxLxKxGxH.shape[2:4] + (l,)
+    init = (jnp.full(stats_shape, MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(stats_shape + (h,), jnp.float32))
+    (_, sum_BxKxGxL, acc_BxKxGxLxH), _ = jax.lax.scan(step, init, xs)
+    out_BxKxGxLxH = acc_BxKxGxLxH / sum_BxKxGxL[..., None]
+    return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h).astype(q_BxLxNxH.dtype)
+
+
+def _platform() -> str:
+    """The platform the computation is for: the mesh's (AOT compiles for a TPU topology
+    from a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
+def _per_shard(kernel: Callable, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS) -> jax.Array:
+    """`kernel` on each device's shard under a multi-device mesh: the batch split as the
+    "batch" rule says, the heads as "heads"/"kv_heads" say when the kv heads divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return kernel(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS)
+    rules = dict(get_logical_axis_rules())
+
+    def axes(logical: str, size: int):
+        names = rules.get(logical)
+        n_shards = math.prod(mesh.shape[a] for a in ((names,) if isinstance(names, str) else names or ()))
+        return names if names and size % n_shards == 0 else None
+
+    batch = axes("batch", q_BxLxNxH.shape[0])
+    heads = axes("kv_heads", k_BxSxKxH.shape[2]) if rules.get("heads") == rules.get("kv_heads") else None
+    # Head n is kv head n // G: contiguous shards of N and of K hold matching heads.
+    heads_spec, segment_spec = P(batch, None, heads, None), P(batch, None)
+    return jax.shard_map(kernel, in_specs=(heads_spec,) * 3 + (segment_spec,) * 2, out_specs=heads_spec,
+                         check_vma=False)(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS)
+
+
+def _pad_length(x: jax.Array, length: int) -> jax.Array:
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _training_layout(name: str, q_BxLxNxH, k_BxSxKxH) -> None:
+    if q_BxLxNxH.shape[1] != k_BxSxKxH.shape[1]:
+        raise ValueError(f"attention {name!r}: queries and keys must be the same sequence (training or "
+                         f"packed evaluation, slots = arange), got L={q_BxLxNxH.shape[1]}, S={k_BxSxKxH.shape[1]}")
+
+
+def _splash_kernel(length: int, heads: int, window: int, softcap: float, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    # Blocks as large as the padded length allows, up to 512: fewer grid steps.
+    block = next(b for b in (512, 256, 128) if length % b == 0)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    shape = (length, length)
+    # Local (window - 1 back, 0 ahead) is causal too; the segment ids do the packing. Built
+    # per trace (it holds arrays); splash caches the costly mask analysis itself.
+    mask = splash.LocalMask(shape, (window - 1, 0), offset=0) if window else splash.CausalMask(shape)
+    return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
+                                  q_seq_shards=1, attn_logits_soft_cap=softcap or None, interpret=interpret)
+
+
+def splash(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, *,
+           window: int = 0, softcap: float = 0.0, scale: float) -> jax.Array:
+    """TPU splash attention, per batch row (vmap), GQA by its own grouping of query heads
+    per kv head. Slots are taken to be arange (its masks are static)."""
+    del q_slot_L, kv_slot_S
+    _training_layout("splash", q_BxLxNxH, k_BxSxKxH)
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    l = q_BxLxNxH.shape[1]
+    padded = -(-l // 128) * 128  # the kernel tiles by multiples of 128
+    interpret = _platform() != "tpu"
+
+    def kernel(q, k, v, q_segment, kv_segment):
+        run = _splash_kernel(padded, q.shape[2], window, softcap, interpret)
+        # The kernel does not scale; padded tokens are segment 0, which sees itself, so no
+        # row of the kernel is empty.
+        q = (q * scale).astype(q.dtype)
+        q, k, v = (_pad_length(x, padded).transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, L, H]
+        q_segment, kv_segment = _pad_length(q_segment, padded), _pad_length(kv_segment, padded)
+        out = jax.vmap(lambda q, k, v, qs, ks: run(q, k, v, SegmentIds(qs, ks)))(q, k, v, q_segment, kv_segment)
+        return out.transpose(0, 2, 1, 3)[:, :l]
+
+    return _per_shard(kernel, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS)
+
+
+def pallas_gpu(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, *,
+               window: int = 0, softcap: float = 0.0, scale: float) -> jax.Array:
+    """The Pallas Triton flash attention (causal, segment ids), with the kv heads repeated
+    for GQA. Slots are taken to be arange; one segment-id array serves q and kv."""
+    del q_slot_L, kv_slot_S, kv_segment_BxS
+    if window or softcap:
+        raise ValueError(f"attention 'pallas_gpu' has no sliding window or logit soft-cap (window={window}, "
+                         f"softcap={softcap}); use 'xla_chunked' (or 'auto')")
+    _training_layout("pallas_gpu", q_BxLxNxH, k_BxSxKxH)
+    from jax.experimental.pallas.ops.gpu.attention import mha
+
+    l = q_BxLxNxH.shape[1]
+    padded = -(-l // 128) * 128  # its default blocks: 128 forward, 32 backward
+    interpret = _platform() != "gpu"
+
+    def kernel(q, k, v, segment, _):
+        groups = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        q, k, v, segment = (_pad_length(x, padded) for x in (q, k, v, segment))
+        return mha(q, k, v, segment, sm_scale=scale, causal=True, interpret=interpret)[:, :l]
+
+    return _per_shard(kernel, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, q_segment_BxL)
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "xla": xla, "xla_chunked": xla_chunked, "splash": splash, "pallas_gpu": pallas_gpu}
+CHOICES = ("auto", *IMPLEMENTATIONS)  # config.model.attention
+
+
+def attention(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, q_segment_BxL: jax.Array,
+              kv_segment_BxS: jax.Array, q_slot_L: jax.Array, kv_slot_S: jax.Array, *, window: int = 0,
+              softcap: float = 0.0, scale: float, implementation: str) -> jax.Array:
+    """Attention output [B, L, N, H] (N = K * G) by the named implementation ("auto" must be
+    resolved first: see `resolve`)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
+    return IMPLEMENTATIONS[implementation](q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L,
+                                           kv_slot_S, window=window, softcap=softcap, scale=scale)
+
+
+def resolve(name: str, config) -> str:
+    """The implementation `name` stands for: itself, or for "auto" the default of this
+    process's backend. `config` is a DecoderConfig or config.model (the Triton kernel has
+    no sliding window or soft-cap)."""
+    if name != "auto":
+        return name
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "splash"
+    if backend == "gpu":
+        windowed = config.sliding_window and "sliding" in tuple(config.layer_types)
+        return "xla_chunked" if windowed or config.attn_softcap else "pallas_gpu"
+    return CPU_DEFAULT

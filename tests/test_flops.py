@@ -1,0 +1,88 @@
+"""Model FLOPs (what MFU divides) agree with XLA's count of the same train step, and the
+loop logs throughput, TFLOP/s per device and per-task losses."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jit_tune.flops import peak_flops_per_device, training_flops_per_token
+from jit_tune.models.decoder import Decoder, DecoderConfig
+from jit_tune.train.metrics import Throughput
+from jit_tune.train.step import summed_loss_and_grads
+
+from tests.test_loss import one_device, packed_batch
+
+# Matmul-heavy: norms, softmax and the rest are a few percent of the FLOPs.
+BIG_MATMULS = DecoderConfig(vocab_size=2048, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
+                            mlp_dim=1024)
+
+
+def xla_flops(config: DecoderConfig, rows: int, length: int) -> float:
+    with nnx.use_eager_sharding(False):
+        model = Decoder(config, nnx.Rngs(0))
+    batch = packed_batch(rows, length, config.vocab_size)
+    step = nnx.jit(summed_loss_and_grads, static_argnames=("microbatches", "loss_chunk", "num_tasks"))
+    with one_device():
+        return step.lower(model, batch, 1, 0, 0).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("length", [64, 512])
+def test_model_flops_agree_with_xla_within_its_uncounted_work(length):
+    """XLA computes the whole causal score matrix where the model count halves it; the
+    elementwise work is the rest. Both lengths: attention a small and a large share."""
+    rows = 4
+    model = training_flops_per_token(BIG_MATMULS, length) * rows * length
+    full_attention = 6.0 * BIG_MATMULS.n_layers * BIG_MATMULS.n_heads * BIG_MATMULS.head_dim * length * rows * length
+    xla = xla_flops(BIG_MATMULS, rows, length)
+    assert 1.0 <= xla / (model + full_attention) < 1.08, (xla, model, full_attention)
+
+
+def test_sliding_layers_count_their_window_only():
+    full = training_flops_per_token(BIG_MATMULS, 1024)
+    sliding = dataclasses.replace(BIG_MATMULS, sliding_window=128, layer_types=("sliding", "full"))
+    attention_per_key = 6.0 * BIG_MATMULS.n_heads * BIG_MATMULS.head_dim
+    assert full - training_flops_per_token(sliding, 1024) == pytest.approx(attention_per_key * (1024 - 128))
+
+
+@pytest.mark.parametrize("kind, tflops", [("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5", 459), ("TPU v5p", 459),
+                                          ("TPU v6 lite", 918), ("NVIDIA H100 80GB HBM3", 989),
+                                          ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+                                          ("NVIDIA A100-SXM4-80GB", 312), ("cpu", None), ("TPU v7x", None)])
+def test_peak_flops_by_device_kind(kind, tflops):
+    assert peak_flops_per_device(kind) == (tflops and tflops * 1e12)
+
+
+def test_throughput_reports_padded_tokens_tflops_and_mfu():
+    now = [0.0]
+    throughput = Throughput(clock=lambda: now[0], flops_per_token=1e9, devices=4, peak_flops=1e12)
+    for _ in range(2):  # two steps of 2,000 slots, 1,500 of them real, 1 s each
+        now[0] += 1.0
+        throughput.add(1500, 2000)
+    values = throughput.take_values()
+    assert values == pytest.approx({"tokens_per_sec": 1500, "tokens_per_sec_padded": 2000,
+                                    "tflops_per_device": 0.5, "mfu": 0.5})
+    assert "mfu" not in Throughput(flops_per_token=1e9).take_values()  # no known peak (a CPU): no MFU
+
+
+def test_a_run_logs_speed_and_each_tasks_loss(tmp_path):
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=3",
+                 "--config.train.log_every=1"]) == 0
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == [1, 2, 3]
+    for line in logged[1:]:  # the first step's time is compilation: no speed
+        assert line["tokens_per_sec_padded"] >= line["tokens_per_sec"] > 0 and line["tflops_per_device"] > 0
+        assert "mfu" not in line  # a CPU has no peak to divide by
+    for line in logged:
+        tasks = [k.removeprefix("train/tokens/") for k in line if k.startswith("train/tokens/")]
+        tokens = np.array([line[f"train/tokens/{t}"] for t in tasks])
+        assert len(tasks) > 1 and tokens.sum() == line["trained_tokens"]
+        losses = np.array([line.get(f"train/loss/{t}", 0.0) for t in tasks])
+        assert all(np.isfinite(losses)) and all((losses > 0) == (tokens > 0))
+        # Each task's mean loss, weighted by its tokens, is the step's loss.
+        assert (losses * tokens).sum() / tokens.sum() == pytest.approx(line["loss"], rel=1e-5)

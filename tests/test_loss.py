@@ -1,0 +1,128 @@
+"""The chunked training loss: the same losses, gradients and per-task sums as full
+logits, for any chunk size (dividing the row length or not), packed rows, a loss mask,
+microbatches and a sharded mesh; and it keeps less memory than full logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jit_tune import mesh as mesh_lib
+from jit_tune.models.decoder import Decoder, DecoderConfig
+from jit_tune.train.state import create_model_and_optimizer
+from jit_tune.train.step import summed_loss_and_grads, token_losses
+
+TASKS = 3
+SMALL = DecoderConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64)
+
+
+def one_device():
+    """The train step's sharding constraints need a mesh: here a single device."""
+    return jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), mesh_lib.AXES))
+
+
+def small_model(config: DecoderConfig) -> Decoder:
+    with nnx.use_eager_sharding(False):  # no mesh: unsharded parameters
+        return Decoder(config, nnx.Rngs(0))
+
+
+def packed_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows of 2-3 packed examples and some padding: segment ids, positions restarting
+    per example, a task per example and a loss mask on part of each example."""
+    rng = np.random.default_rng(seed)
+    batch = {k: np.zeros((rows, length), np.int32) for k in
+             ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids")}
+    for r in range(rows):
+        start = 0
+        for segment in range(1, rng.integers(2, 4) + 1):
+            size = int(rng.integers(3, length // 2))
+            end = min(start + size, length - 2)  # the row ends in padding
+            if end <= start:
+                break
+            batch["segment_ids"][r, start:end] = segment
+            batch["positions"][r, start:end] = np.arange(end - start)
+            batch["task_ids"][r, start:end] = rng.integers(1, TASKS + 1)
+            batch["loss_mask"][r, start + (end - start) // 2:end] = 1  # the "response" half
+            start = end
+    real = batch["segment_ids"] > 0
+    batch["inputs"] = np.where(real, rng.integers(1, vocab, (rows, length)), 0).astype(np.int32)
+    batch["targets"] = np.where(real, rng.integers(1, vocab, (rows, length)), 0).astype(np.int32)
+    return batch
+
+
+@nnx.jit
+def _full_logits_loss(model: Decoder, batch: dict):
+    mask = batch["loss_mask"].astype(jnp.float32)
+
+    def loss(m):
+        per_token = token_losses(m, batch) * mask
+        return per_token.sum(), per_token
+
+    (loss_sum, per_token), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    return loss_sum, grads, per_token
+
+
+def reference(model: Decoder, batch: dict) -> tuple[float, nnx.State, np.ndarray, np.ndarray]:
+    """Loss sum and gradient from full logits, and per-task loss sums and trained tokens."""
+    loss_sum, grads, per_token = _full_logits_loss(model, batch)
+    per_token, tasks, mask = np.asarray(per_token), np.asarray(batch["task_ids"]), np.asarray(batch["loss_mask"])
+    task_sums = np.array([per_token[tasks == t].sum() for t in range(1, TASKS + 1)])
+    task_tokens = np.array([mask[tasks == t].sum() for t in range(1, TASKS + 1)])
+    return float(loss_sum), grads, task_sums, task_tokens
+
+
+def assert_matches(got, want, rtol=1e-5):
+    sums, grads = got
+    loss_sum, want_grads, task_sums, task_tokens = want
+    np.testing.assert_allclose(float(sums["loss_sum"]), loss_sum, rtol=rtol)
+    np.testing.assert_allclose(sums["task_loss_sums"], task_sums, rtol=rtol)
+    np.testing.assert_array_equal(sums["task_tokens"], task_tokens)
+    flat, want_flat = jax.tree.leaves_with_path(grads), jax.tree.leaves_with_path(want_grads)
+    assert [p for p, _ in flat] == [p for p, _ in want_flat]
+    for (path, g), (_, w) in zip(flat, want_flat):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-6 * float(jnp.abs(w).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+loss_and_grads = nnx.jit(summed_loss_and_grads, static_argnames=("microbatches", "loss_chunk", "num_tasks"))
+
+
+@pytest.mark.parametrize("final_softcap, tie", [(0.0, False), (5.0, True)])
+def test_chunked_loss_and_gradients_equal_full_logits(final_softcap, tie):
+    import dataclasses
+
+    model = small_model(dataclasses.replace(SMALL, final_softcap=final_softcap, tie_embeddings=tie))
+    batch = packed_batch(rows=4, length=24, vocab=SMALL.vocab_size)
+    want = reference(model, batch)
+    with one_device():
+        # 5 and 7 do not divide 24; 100 is longer than a row. (Each pair is a compilation.)
+        for chunk, microbatches in ((0, 1), (1, 2), (5, 1), (7, 2), (8, 2), (100, 1)):
+            assert_matches(loss_and_grads(model, batch, microbatches, chunk, TASKS), want)
+
+
+def test_chunked_loss_on_a_sharded_mesh(smoke_config):
+    smoke_config.mesh.shape.update({"data": 2, "fsdp": 2, "tensor": 2})
+    smoke_config.model.update(n_heads=8, n_kv_heads=8, head_dim=8)  # 8 heads split over 2-way tensor
+    mesh = mesh_lib.make_mesh(smoke_config, jax.devices())
+    model, _ = create_model_and_optimizer(smoke_config, mesh)
+    local = packed_batch(rows=8, length=40, vocab=smoke_config.model.vocab_size, seed=1)
+    with mesh_lib.use_mesh(smoke_config, mesh):
+        batch = mesh_lib.global_batch(local, mesh)
+        want = reference(model, batch)
+        for chunk in (0, 16, 13):
+            assert_matches(loss_and_grads(model, batch, 2, chunk, TASKS), want, rtol=2e-5)
+
+
+def test_chunks_keep_a_fraction_of_the_memory_of_full_logits():
+    """Full float32 logits of 8 x 256 tokens over 8,192 words are 64 MiB, and the
+    backward pass keeps them (and the softmax); 32-token chunks need 8 MiB at a time."""
+    model = small_model(DecoderConfig(vocab_size=8192, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
+                                      mlp_dim=64))
+    batch = packed_batch(rows=8, length=256, vocab=8192)
+    temp = {}
+    with one_device():
+        for chunk in (0, 32):
+            compiled = loss_and_grads.lower(model, batch, 1, chunk, 0).compile()
+            temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[32] < temp[0] / 3, temp

@@ -5,6 +5,7 @@
     jit-tune eval  --workdir runs/tiny [--step N]
     jit-tune data inspect --config configs/t0.py
     jit-tune export --workdir runs/tiny --out runs/tiny/hf [--step N] [--dtype bfloat16]
+    jit-tune convert --gguf model.gguf --out models/hf     (needs jit_tune[gguf]; then --config.model.init_from=...)
     jit-tune generate --workdir runs/tiny --prompt "Sort these words: owl cake"     (or --hf DIR)
     jit-tune compile --config configs/llama3_8b.py --topology v5p:4x4x8    (AOT; needs jit_tune[tpu])
     jit-tune sweep all --sweep configs/sweep_tiny.py --dir runs/sweep      (or plan, run, collect, fit, ...)
@@ -61,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="a new directory, or an earlier export to replace")
     export.add_argument("--step", type=int, help="the checkpoint to export (default: the latest)")
     export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the weights")
+    convert = verb("convert", "convert a GGUF file (llama.cpp's format; its weights dequantized) into a Hugging Face "
+                              "model dir, with the file's tokenizer and chat template, which "
+                              "--config.model.init_from, eval --hf and generate --hf read (init_from also takes the "
+                              ".gguf file itself and converts it once into a cache); needs pip install "
+                              "'jit_tune[gguf]'", epilog=None)
+    convert.add_argument("--gguf", required=True, help="the .gguf file")
+    convert.add_argument("--out", required=True, help="a new directory, or an earlier conversion to replace")
+    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the weights")
     aot = verb("compile", "AOT-compile the train step for a TPU topology; report memory and FLOPs")
     aot.add_argument("--config", required=True)
     aot.add_argument("--topology", required=True, help="GENERATION:GRID, e.g. v5p:4x4x8 or v6e:16x16")
@@ -200,6 +209,13 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         from jit_tune.api import export_workdir
 
         print(f"wrote {export_workdir(args.workdir, args.out, args.step, args.dtype, overrides)}")
+    elif args.verb == "convert":
+        from jit_tune.config import ConfigError
+        from jit_tune.models.gguf import convert_gguf
+
+        if overrides:
+            raise ConfigError(f"convert takes no config overrides: {' '.join(overrides)}")
+        print(f"wrote {convert_gguf(Path(args.gguf), Path(args.out), args.dtype)}")
     elif args.verb == "sweep":
         return _sweep(args, overrides)
     elif args.verb == "generate":

@@ -62,7 +62,7 @@ def test_data_inspect_skips_bad_records_and_names_them(tmp_path, capsys):
     assert "say.jsonl:10: missing field 'completion'" in out
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_bad_record_is_counted_once_and_drops_reach_the_log_from_workers(tmp_path, workers):
     records = _records()
     records[5] = {"prompt": "no answer"}

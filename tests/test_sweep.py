@@ -79,6 +79,7 @@ def test_max_epochs_bounds_the_weight_of_small_tasks(tmp_path):
     assert max(small) <= upper["small"] + 1e-9 < 0.2 and upper["sort"] == 0.5  # generated tasks: no epoch limit
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_end_to_end_and_every_verb_reads_alone(tmp_path, capsys):
     directory = tmp_path / "sweep"
     assert main(["sweep", "all", "--sweep", SMOKE, "--dir", str(directory)]) == 0
@@ -117,6 +118,7 @@ def test_a_sweep_runs_end_to_end_and_every_verb_reads_alone(tmp_path, capsys):
     assert json.loads((directory / "fit.json").read_text())["models"] == fit["models"]
 
 
+@pytest.mark.slow
 def test_two_local_processes_share_the_runs_and_failures_are_listed_not_dropped(tmp_path, capsys):
     directory = tmp_path / "sweep"
     assert main(["sweep", "plan", "--sweep", SMOKE, "--dir", str(directory)]) == 0

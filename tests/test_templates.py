@@ -164,6 +164,7 @@ SEED_TASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "self_ins
 
 @pytest.mark.skipif(not SEED_TASKS.exists(), reason="../shared/data is absent (a fresh clone); it holds the "
                                                      "Self-Instruct seed tasks")
+@pytest.mark.slow
 def test_self_instruct_config_trains_and_scores_its_held_out_template(tmp_path):
     from jit_tune.cli import main
 

@@ -76,7 +76,7 @@ def _step_losses(workdir):
     return {m["step"]: m["loss"] for m in lines if "loss" in m}
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, smoke_config, workers):
     smoke_config.data.workers = workers  # 1: rows come from a Grain worker process
     smoke_config.train.log_every = 1

@@ -92,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--jit-tune-only", action="store_true", help="skip PyTorch (to compare XLA flags)")
     args, overrides = parser.parse_known_args()
     threads = os.cpu_count() or 1
     print(f"machine: {platform.processor() or platform.machine()}, {threads} cores; "
@@ -99,6 +100,9 @@ def main() -> None:
     print(f"{'precision':<10} {'jit_tune s/step':>16} {'PyTorch s/step':>15} {'PyTorch / jit_tune':>19}")
     for precision in args.precisions:
         ours, n_ours = jit_tune_step_times(precision, args.steps, overrides)
+        if args.jit_tune_only:
+            print(f"{precision:<10} {statistics.median(ours):>16.3f}", flush=True)
+            continue
         theirs, n_theirs = torch_step_times(precision, args.steps, threads)
         a, b = statistics.median(ours), statistics.median(theirs)
         print(f"{precision:<10} {a:>16.3f} {b:>15.3f} {b / a:>18.2f}x   ({n_ours / 1e6:.1f}M / {n_theirs / 1e6:.1f}M "

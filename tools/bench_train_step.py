@@ -2,13 +2,16 @@
 
     .venv/bin/python tools/bench_train_step.py --config configs/tiny.py [--steps 20] [--config.x=y ...]
 
-Prints compile time, steady-state step time and tokens/s (non-padding tokens), and the
-pipeline's own tokens/s, measured in the same process on the same batches.
+Prints compile time, steady-state step time, tokens/s (non-padding tokens), TFLOP/s per
+device and MFU (model FLOPs of every token slot, jit_tune/flops.py; MFU on accelerators
+with a known peak), and the pipeline's own tokens/s, measured in the same process on the
+same batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -19,7 +22,8 @@ from jit_tune.data.pipeline import train_dataset
 from jit_tune.data.registry import build_registry
 from jit_tune.data.tokenizer import train_builtin_tokenizer
 from jit_tune.distributed import choose_platform
-from jit_tune.train.state import create_model_and_optimizer
+from jit_tune.flops import peak_flops_per_device, training_flops_per_token
+from jit_tune.train.state import create_model_and_optimizer, decoder_config
 from jit_tune.train.step import train_step
 
 
@@ -43,11 +47,13 @@ def main() -> None:
     n_params = sum(x.size for x in jax.tree.leaves(model))
     with mesh_lib.use_mesh(config, mesh):
         start = time.perf_counter()
-        jax.block_until_ready(train_step(model, optimizer, mesh_lib.global_batch(local[0], mesh)))
+        step = functools.partial(train_step, microbatches=config.train.microbatches,
+                                 loss_chunk=config.train.loss_chunk)
+        jax.block_until_ready(step(model, optimizer, mesh_lib.global_batch(local[0], mesh)))
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
         for batch in local[1:]:
-            metrics = train_step(model, optimizer, mesh_lib.global_batch(batch, mesh))
+            metrics = step(model, optimizer, mesh_lib.global_batch(batch, mesh))
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - start) / args.steps
 
@@ -56,6 +62,10 @@ def main() -> None:
     print(f"batch: {d.batch_size} x {d.seq_len}, real tokens/step: {sum(tokens[1:]) / args.steps:,.0f}")
     print(f"compile + first step: {compile_s:.1f} s")
     print(f"train step: {step_s * 1e3:.0f} ms, {sum(tokens[1:]) / args.steps / step_s:,.0f} tokens/s")
+    flops = training_flops_per_token(decoder_config(config), d.seq_len) * d.batch_size * d.seq_len / step_s
+    flops /= jax.device_count()
+    peak = peak_flops_per_device(jax.devices()[0].device_kind)
+    print(f"model FLOPs: {flops / 1e12:.2f} TFLOP/s per device" + (f", MFU {flops / peak:.1%}" if peak else ""))
     print(f"pipeline (read, render, tokenize, pack, batch): {sum(tokens) / pipeline_s:,.0f} tokens/s")
 
 

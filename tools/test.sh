@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup_env.sh test
-exec .venv/bin/python -m pytest -q "$@"
+# Long end-to-end tests are marked slow and left to `tools/test.sh -m slow` (CI has 30 minutes).
+exec .venv/bin/python -m pytest -q -m "not slow" "$@"

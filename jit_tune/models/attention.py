@@ -244,13 +244,13 @@ def attention(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, 
                                            kv_slot_S, window=window, softcap=softcap, scale=scale)
 
 
-def resolve(name: str, config) -> str:
-    """The implementation `name` stands for: itself, or for "auto" the default of this
-    process's backend. `config` is a DecoderConfig or config.model (the Triton kernel has
-    no sliding window or soft-cap)."""
+def resolve(name: str, config, backend: str | None = None) -> str:
+    """The implementation `name` stands for: itself, or for "auto" the default of
+    `backend` (this process's by default; `jit-tune compile` passes "tpu"). `config` is a
+    DecoderConfig or config.model (the Triton kernel has no sliding window or soft-cap)."""
     if name != "auto":
         return name
-    backend = jax.default_backend()
+    backend = backend or jax.default_backend()
     if backend == "tpu":
         return "splash"
     if backend == "gpu":

@@ -2,7 +2,7 @@ import time
 
 import numpy as np
 
-from jit_tune.data.contamination import NGRAM, THRESHOLD, TrainingIndex, contamination, report_lines
+from jit_tune.data.contamination import COMMON, NGRAM, THRESHOLD, TrainingIndex, contamination, report_lines
 
 WORDS = [f"w{i}" for i in range(40)]
 TRAIN = " ".join(WORDS)  # 40 distinct words: every 13-word run is unique
@@ -79,3 +79,12 @@ def test_large_index_has_no_duplicate_ngrams():
     assert len(index.ngrams) == len(distinct) <= len(texts) * (50 - NGRAM + 1)
     assert len(index.exact) == 9000
     assert index.overlaps(texts[123]) == (True, True)
+
+
+def test_a_templates_fixed_wording_is_not_an_overlap():
+    """Every example of a template shares its fixed 13+ words; only the passage counts."""
+    wording = "read the following article carefully and then answer the question that comes after it please"
+    train = [f"{wording} article number {i} about topic {i * 7}" for i in range(COMMON + 1)]
+    index = TrainingIndex(train + [TRAIN])
+    assert index.overlaps(f"{wording} an article nobody trained on") == (False, False)
+    assert index.overlaps(f"{wording} {TRAIN}")[1]  # the copied passage still counts

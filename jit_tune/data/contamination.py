@@ -5,6 +5,12 @@ whitespace: an exact match of a whole training text, and a shared run of NGRAM w
 with any training text. GPT-3 (Brown et al., 2020, appendix C) used 13-grams: long
 enough that common phrases do not collide, short enough to catch a copied passage
 inside a longer document. Texts shorter than NGRAM words can only match exactly.
+
+An n-gram found in more than COMMON training texts is a template's fixed wording
+("Read the following article and answer the question ..."), which every example of
+that template shares, not a copied passage: it is left out of the index (GPT-3 also
+dropped frequent n-grams). Without this, every held-in task of a templated mixture is
+flagged at 100%.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from jit_tune.eval.metrics import normalize
 
 NGRAM = 13
 THRESHOLD = 0.01  # warn when more than this share of a task's examples overlap
+COMMON = 50  # n-grams in more training texts than this are fixed wording, not passages
 _STEPS = ("case", "whitespace", "punctuation")
 
 
@@ -51,7 +58,7 @@ class TrainingIndex:
     building, all n-grams are held once more with their repeats before np.unique.
     """
 
-    def __init__(self, texts: Iterable[str], n: int = NGRAM):
+    def __init__(self, texts: Iterable[str], n: int = NGRAM, common: int = COMMON):
         self.n = n
         exact, ngrams = [], [np.zeros(0, np.int64)]
         for text in texts:
@@ -60,9 +67,10 @@ class TrainingIndex:
                 continue
             exact.append(_hash(" ".join(words)))
             if len(words) >= n:
-                ngrams.append(_ngram_hashes(words, n))
+                ngrams.append(np.unique(_ngram_hashes(words, n)))  # once per text: counts are texts
         self.exact = np.unique(np.array(exact, np.int64))
-        self.ngrams = np.unique(np.concatenate(ngrams))
+        unique, texts_with = np.unique(np.concatenate(ngrams), return_counts=True)
+        self.ngrams = unique[texts_with <= common]
 
     def overlaps(self, text: str) -> tuple[bool, bool]:
         """(whole text matches a training text exactly, shares at least one n-gram)."""

@@ -5,12 +5,24 @@ Llama-3-8B Hugging Face directory (the architecture, weights and tokenizer then 
 from there) and data.* at your mixture.
 
     jit-tune compile --config configs/llama3_8b.py --topology v5p:4x4x8
+
+Variants, for parameter-efficient tuning (they need model.init_from to train, not to
+compile):
+  lora    rank-16 LoRA adapters on every attention and MLP projection (42M parameters,
+          0.5% of the model), the only ones trained: the optimizer holds their moments
+          alone; the frozen base in bfloat16. Same data as full fine-tuning, to compare
+          the two on a slice.
+  qlora   the same adapters on an NF4 base (QLoRA), on one chip: 16 x 2k-token rows a
+          step, accumulated one row at a time.
+
+    jit-tune compile --config configs/llama3_8b.py:qlora --topology v5e:1x1   # fits a 16 GiB chip
+    jit-tune compile --config configs/llama3_8b.py --topology v5e:1x1         # full fine-tuning does not
 """
 
 from jit_tune.config import default_config
 
 
-VARIANTS = ()  # `llama3_8b.py:VARIANT`; load_config rejects others
+VARIANTS = ("lora", "qlora")  # `llama3_8b.py:VARIANT`; load_config rejects others
 
 
 def get_config(variant: str | None = None):
@@ -29,4 +41,12 @@ def get_config(variant: str | None = None):
     config.optimizer.lr = 2e-5
     config.optimizer.warmup_steps = 100
     config.train.steps = 2000
+    if variant in ("lora", "qlora"):
+        m.param_dtype = "bfloat16"  # the frozen base needs no float32 master copy (adapters are float32)
+        config.lora.rank, config.lora.alpha, config.lora.dropout = 16, 32.0, 0.05
+        config.optimizer.lr = 2e-4  # LoRA's usual rate: adapters start at zero
+    if variant == "qlora":
+        config.lora.base_quantization = "nf4"
+        config.data.seq_len, config.data.batch_size = 2048, 16
+        config.train.microbatches = 16
     return config

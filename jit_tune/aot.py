@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,8 @@ from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError
 from jit_tune.data.pipeline import FEATURES
 from jit_tune.flops import training_flops_per_token
+from jit_tune.models.lora import parameter_counts
+from jit_tune.models.attention import resolve
 from jit_tune.topology import Topology
 from jit_tune.train.state import create_model_and_optimizer, decoder_config
 from jit_tune.train.step import train_step
@@ -37,6 +40,9 @@ def topology_devices(topology: Topology) -> list:
         raise ConfigError(f"compiling for {topology} needs libtpu: pip install 'jit_tune[tpu]'")
     from jax.experimental import topologies
 
+    # Compiling attaches no TPU, so another process holding libtpu's lockfile (a test, a
+    # second compile) must not make this one fail.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         description = topologies.get_topology_desc(
             platform="tpu", topology_name=f"{topology.generation.name}:{topology.grid_name}",
@@ -76,6 +82,12 @@ class Report:
     flops_per_chip: float  # XLA's count
     model_flops_per_step: float = 0.0  # flops.training_flops_per_token x tokens per step
     scanned_layers: bool = False  # the compiler's FLOPs then count the layer loop's body once
+    attention: str = ""  # the implementation compiled ("auto" resolved for the TPU)
+    loss_chunk: int = 0
+    # LoRA: what is trained (the optimizer's state follows it) against the frozen base.
+    lora: str = ""  # "" without LoRA; else e.g. "rank 16 on q|k|v, base nf4"
+    trained_parameters: int = 0
+    adapter_bytes: int = 0  # per chip, within param_bytes
 
     @property
     def peak_bytes(self) -> int:
@@ -85,15 +97,22 @@ class Report:
         gib = 2.0**30
         hbm = self.topology.generation.hbm_bytes
         chips = self.topology.chips * self.topology.slices
+        weights = [("parameters", self.param_bytes)] if not self.lora else [
+            ("frozen base weights", self.param_bytes - self.adapter_bytes),
+            ("trained parameters (LoRA adapters)", self.adapter_bytes)]
         rows = [
-            ("parameters", self.param_bytes),
+            *weights,
             ("optimizer state", self.optimizer_bytes),
             ("temporaries (activations, gradients, workspace)", self.temp_bytes),
             ("total: arguments + outputs not aliased + temporaries", self.peak_bytes),
         ]
         lines = [f"topology {self.topology}: {chips} chips, {self.topology.hosts * self.topology.slices} hosts; "
                  f"mesh {' x '.join(f'{k}={v}' for k, v in self.mesh.items())}",
-                 f"model {_count(self.parameters)} parameters; {self.tokens_per_step:,} tokens per step",
+                 f"model {_count(self.parameters)} parameters; {self.tokens_per_step:,} tokens per step; "
+                 f"attention {self.attention}; loss chunk {self.loss_chunk or 'none (full logits)'}",
+                 *([f"LoRA {self.lora}: {_count(self.trained_parameters)} trained parameters "
+                    f"({100 * self.trained_parameters / self.parameters:.2f}%); the optimizer holds their moments "
+                    "only"] if self.lora else []),
                  f"{'per chip':<56}{'GiB':>9}"]
         lines += [f"  {name:<54}{value / gib:>9.2f}" for name, value in rows]
         fit = "fits" if self.peak_bytes <= hbm else "DOES NOT FIT"
@@ -125,6 +144,9 @@ def _per_device_bytes(tree) -> int:
 
 
 def compile_train_step(config: ConfigDict, topology: Topology) -> Report:
+    # "auto" means the kernel of the machine the plan is for, not of this one.
+    config = ConfigDict(config.to_dict())
+    config.model.attention = resolve(config.model.attention, config.model, "tpu")
     devices = topology_devices(topology)
     mesh = mesh_lib.make_mesh(config, devices)
     d = config.data
@@ -146,13 +168,14 @@ def compile_train_step(config: ConfigDict, topology: Topology) -> Report:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    params = nnx.state(model, nnx.Param)
+    base_parameters, trained_parameters = parameter_counts(model)  # a quantized weight counts its weights
+    lora = config.lora
     return Report(
         topology=topology,
         mesh=dict(mesh.shape),
-        parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        parameters=base_parameters,
         tokens_per_step=d.batch_size * d.seq_len,
-        param_bytes=_per_device_bytes(params),
+        param_bytes=_per_device_bytes(nnx.state(model)),  # with LoRA: the (quantized) base and the adapters
         optimizer_bytes=_per_device_bytes(nnx.state(optimizer)),
         temp_bytes=memory.temp_size_in_bytes,
         argument_bytes=memory.argument_size_in_bytes,
@@ -161,4 +184,9 @@ def compile_train_step(config: ConfigDict, topology: Topology) -> Report:
         flops_per_chip=float(cost.get("flops", 0.0)),
         model_flops_per_step=training_flops_per_token(decoder_config(config), d.seq_len) * d.batch_size * d.seq_len,
         scanned_layers=config.model.scan_layers,
+        attention=config.model.attention,
+        loss_chunk=config.train.loss_chunk,
+        lora=f"rank {lora.rank} on {lora.targets}, base {lora.base_quantization}" if lora.rank else "",
+        trained_parameters=trained_parameters,
+        adapter_bytes=_per_device_bytes(nnx.state(model, nnx.LoRAParam)),
     )

@@ -5,6 +5,8 @@
     logits = api.logits(model, input_ids, positions, segment_ids)
     print(api.generate_text(model, tokenizer, ["Sort these words: owl cake"]))
     api.export_workdir("runs/x", "out/hf_dir")                   # transformers loads out/hf_dir
+    api.export_workdir("runs/lora", "out/adapter")               # a LoRA run: a PEFT adapter dir
+    api.export_workdir("runs/lora", "out/merged", merged=True)   # or the base with the adapters merged
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from jit_tune.data.registry import build_registry
 from jit_tune.data.tokenizer import saved_tokenizer
 from jit_tune.eval import evaluator, report
 from jit_tune.eval.decode import generate
+from jit_tune.models.adapters import save_peft_adapter
 from jit_tune.models.decoder import Decoder
 from jit_tune.models.loading import export_hf_decoder, load_hf_decoder
 from jit_tune.train.checkpoint import Checkpointer
 from jit_tune.train.loop import train
-from jit_tune.train.state import create_model_and_optimizer
+from jit_tune.train.state import restore_model_and_optimizer
 
 __all__ = ["load_config", "train", "load_hf", "load_workdir", "logits", "generate_text", "export_workdir",
            "evaluate_workdir"]
@@ -72,7 +75,8 @@ def load_workdir(workdir: str | Path, overrides: Sequence[str] = (), step: int |
                  need_data: bool = False):
     """(config, tokenizer, model, step, mesh) from a workdir's saved config and its latest
     checkpoint (or `step`). Its training data is needed (and checked) only with
-    `need_data`: a run exports and generates wherever its data went."""
+    `need_data`: a run exports and generates wherever its data went. A LoRA run's base
+    is read from its model.init_from (override it if the base has moved)."""
     workdir = Path(workdir)
     config = saved_config(workdir, overrides, check_files=need_data)
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
@@ -91,8 +95,7 @@ def load_workdir(workdir: str | Path, overrides: Sequence[str] = (), step: int |
         config.mesh.shape.update(data=1, fsdp=-1, tensor=1)
         config.mesh.dcn_shape.update(data=1, fsdp=1, tensor=1)
         mesh = mesh_lib.make_mesh(config)
-    model, optimizer = create_model_and_optimizer(config, mesh, abstract=True)
-    checkpointer.restore(step, model, optimizer)
+    model, _ = restore_model_and_optimizer(config, mesh, checkpointer, step)
     checkpointer.close()
     return config, tokenizer, model, step, mesh
 
@@ -123,15 +126,21 @@ def generate_text(model: Decoder, tokenizer, prompts: Sequence[str], max_new_tok
 
 
 def export_workdir(workdir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32",
-                   overrides: Sequence[str] = ()) -> Path:
+                   overrides: Sequence[str] = (), merged: bool = False) -> Path:
     """A Hugging Face dir of the latest checkpoint (or `step`): config.json, safetensors
     shards (in `dtype`) with an index, the tokenizer with the chat template used in
     training, generation_config.json. Written to a temporary directory and renamed into
-    place, so `out` is a whole export or untouched; an existing `out` must be an export."""
+    place, so `out` is a whole export or untouched; an existing `out` must be an export.
+
+    A LoRA run exports a PEFT adapter dir instead (adapter_config.json,
+    adapter_model.safetensors, the tokenizer), for the base in its model.init_from; with
+    `merged`, the whole model with the adapters merged in float32 (a quantized base
+    dequantized), written in `dtype`."""
     out = Path(out)
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype {dtype}: expected float32 or bfloat16")
-    if out.exists() and any(out.iterdir()) and not (out / "model.safetensors.index.json").is_file():
+    earlier = (out / "model.safetensors.index.json").is_file() or (out / "adapter_config.json").is_file()
+    if out.exists() and any(out.iterdir()) and not earlier:
         raise ConfigError(f"--out {out}: exists and is not an earlier export; give a new directory")
     if out.resolve() in (Path(workdir).resolve(), *Path(workdir).resolve().parents):
         raise ConfigError(f"--out {out}: is the workdir {workdir} or holds it; give a directory inside or beside it")
@@ -142,9 +151,12 @@ def export_workdir(workdir: str | Path, out: str | Path, step: int | None = None
     with written_by_main("export") as writer:
         if writer:
             with atomic_directory(out) as directory:
-                export_hf_decoder(model, directory, config.model.family, special, dtype=dtype)
+                if config.lora.rank and not merged:
+                    save_peft_adapter(model, directory, config.model.init_from, dtype=dtype)
+                else:
+                    export_hf_decoder(model, directory, config.model.family, special, dtype=dtype)
+                    GenerationConfig(**special).save_pretrained(directory)
                 tokenizer.save_pretrained(directory)
-                GenerationConfig(**special).save_pretrained(directory)
     return out
 
 

@@ -5,6 +5,7 @@
     jit-tune eval  --workdir runs/tiny [--step N]
     jit-tune data inspect --config configs/t0.py
     jit-tune export --workdir runs/tiny --out runs/tiny/hf [--step N] [--dtype bfloat16]
+    jit-tune export --workdir runs/lora --out runs/lora/adapter [--merged]   (LoRA: a PEFT adapter, or merged)
     jit-tune convert --gguf model.gguf --out models/hf     (needs jit_tune[gguf]; then --config.model.init_from=...)
     jit-tune generate --workdir runs/tiny --prompt "Sort these words: owl cake"     (or --hf DIR)
     jit-tune compile --config configs/llama3_8b.py --topology v5p:4x4x8    (AOT; needs jit_tune[tpu])
@@ -57,11 +58,14 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--coordinator", help="HOST:PORT of process 0, where no cluster manager tells JAX")
         command.add_argument("--num-processes", type=int)
         command.add_argument("--process-id", type=int)
-    export = verb("export", "write a checkpoint of a workdir as a Hugging Face model dir", SAVED_OVERRIDES_HELP)
+    export = verb("export", "write a checkpoint of a workdir as a Hugging Face model dir; of a LoRA run, as a PEFT "
+                            "adapter dir for its base (or with --merged, the whole model)", SAVED_OVERRIDES_HELP)
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="a new directory, or an earlier export to replace")
     export.add_argument("--step", type=int, help="the checkpoint to export (default: the latest)")
     export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the weights")
+    export.add_argument("--merged", action="store_true", help="a LoRA run: the base with the adapters merged in "
+                        "float32 (a quantized base dequantized), as a Hugging Face model dir, instead of the adapter")
     convert = verb("convert", "convert a GGUF file (llama.cpp's format; its weights dequantized) into a Hugging Face "
                               "model dir, with the file's tokenizer and chat template, which "
                               "--config.model.init_from, eval --hf and generate --hf read (init_from also takes the "
@@ -198,7 +202,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
 
         topology = parse(args.topology, args.slices)  # a bad name fails before the config loads
         try:
-            report = compile_train_step(load_config(args.config, overrides), topology)
+            # Shapes are enough: a LoRA config needs no base weights (init_from) to be planned.
+            report = compile_train_step(load_config(args.config, overrides, need_weights=False), topology)
         except DoesNotFit as e:
             print(f"jit-tune compile: DOES NOT FIT: {e}", file=sys.stderr)
             return 4
@@ -208,7 +213,12 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.verb == "export":
         from jit_tune.api import export_workdir
 
-        print(f"wrote {export_workdir(args.workdir, args.out, args.step, args.dtype, overrides)}")
+        out = export_workdir(args.workdir, args.out, args.step, args.dtype, overrides, args.merged)
+        print(f"wrote {out}")
+        if (out / "adapter_config.json").is_file():
+            print(f"a PEFT LoRA adapter for its base model: peft.PeftModel.from_pretrained(base, {str(out)!r}), or "
+                  f"vllm serve BASE --enable-lora --lora-modules NAME={out}; the whole model with the adapters "
+                  f"merged: jit-tune export --workdir {args.workdir} --out DIR --merged")
     elif args.verb == "convert":
         from jit_tune.config import ConfigError
         from jit_tune.models.gguf import convert_gguf

@@ -170,7 +170,24 @@ def default_config() -> ml_collections.ConfigDict:
         ("head_dim", None),
         ("norm", None),
         ("layers", None),  # the stacked axis of model.scan_layers
+        ("lora_rank", None),  # LoRA adapters' rank axis: small, never sharded
     )
+
+    c.lora = ml_collections.ConfigDict()
+    # LoRA (models/lora.py): rank 0 trains every parameter; rank r > 0 freezes them and trains
+    # adapters A [in, r], B [r, out] on the targeted weights, adding (alpha / r) x A B
+    # (adapters in float32 whatever model.param_dtype, which the frozen base keeps).
+    # Needs model.init_from: adapters adapt pretrained weights. Checkpoints then hold only the
+    # adapters and a fingerprint of the base; export writes a PEFT adapter (or --merged).
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # PEFT's lora_alpha
+    c.lora.dropout = 0.0  # on the adapters' inputs, in training (not on embedding adapters)
+    # A regular expression fully matching the stems of the weights adapted: q, k, v, o
+    # (attention), gate, up, down (MLP), embed, unembed (embeddings; untied only).
+    c.lora.targets = "q|k|v|o|gate|up|down"
+    # QLoRA: the frozen attention and MLP weights stored as "int8" (per output channel) or
+    # "nf4" (4-bit NormalFloat in blocks of 64), dequantized to model.dtype at use.
+    c.lora.base_quantization = "none"
 
     c.eval = ml_collections.ConfigDict()
     # What is evaluated (eval/evaluator.py): task names, or group or cluster names standing
@@ -221,12 +238,13 @@ def smoke(config: ml_collections.ConfigDict, steps: int) -> ml_collections.Confi
 # ---------------------------------------------------------------------------- loading
 
 
-def load_config(spec: str, overrides: list[str] = (), validator=None) -> ml_collections.ConfigDict:
+def load_config(spec: str, overrides: list[str] = (), validator=None,
+                need_weights: bool = True) -> ml_collections.ConfigDict:
     """Load `path[:variant]`, apply `--config.a.b=value` overrides, validate, and lock.
 
     A config file lists the variants its get_config(arg) accepts in `VARIANTS`; any
     other is an error listing them. `validator` checks the result (default: a run
-    config's `validate`; sweep configs bring their own).
+    config's `validate`; sweep configs bring their own). `need_weights`: see `validate`.
     """
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
@@ -262,7 +280,7 @@ def load_config(spec: str, overrides: list[str] = (), validator=None) -> ml_coll
     if validator is None:
         if config.model.init_from:
             _take_architecture_from_hf(config, sources.get("model.init_from") or path)
-        validate(config, path, sources)
+        validate(config, path, sources, need_weights=need_weights)
     else:
         validator(config, path, sources)
     return config
@@ -378,10 +396,11 @@ def _parse_like(raw: str, current, item: str):
 
 
 def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources: dict | None = None,
-             check_files: bool = True) -> None:
+             check_files: bool = True, need_weights: bool = True) -> None:
     """Check every value; raise one ConfigError listing each problem with where it was set.
     Without `check_files`, paths to data and tokenizers are not looked at (a saved run
-    reloads for export or generation even when its training data has moved)."""
+    reloads for export or generation even when its training data has moved). Without
+    `need_weights` (`jit-tune compile`, which plans from shapes), LoRA needs no init_from."""
     sources = sources or {}
     problems = []
     defaults = default_config()
@@ -479,8 +498,44 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("eval.max_options", isinstance(e.max_options, int) and e.max_options >= 2, "an integer >= 2")
     for key in ("examples_per_task", "batch_size", "max_new_tokens"):
         check(f"eval.{key}", e[key] > 0, "a positive integer")
+    _check_lora(config, check, need_weights)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_lora(config: ml_collections.ConfigDict, check, need_weights: bool) -> None:
+    """LoRA's fields, each problem recorded by `validate`'s `check`."""
+    from jit_tune.models.lora import QUANTIZATIONS, STEMS, adapted_stems
+    from jit_tune.models.quantize import NF4_BLOCK
+
+    lora, m = config.lora, config.model
+    check("lora.rank", isinstance(lora.rank, int) and lora.rank >= 0, "an integer >= 0 (0: full fine-tuning)")
+    check("lora.alpha", isinstance(lora.alpha, (int, float)) and lora.alpha > 0, "a number > 0 (the update scales "
+          "by alpha / rank)")
+    check("lora.dropout", isinstance(lora.dropout, (int, float)) and 0 <= lora.dropout < 1, "a rate in [0, 1)")
+    try:
+        stems = adapted_stems(lora.targets)
+    except (re.error, TypeError) as e:
+        stems = None
+        check("lora.targets", False, f"a regular expression ({e})")
+    if stems is not None:
+        check("lora.targets", bool(stems), f"a regular expression fully matching some of {', '.join(STEMS)}")
+        tied = [s for s in stems if s in ("embed", "unembed")] if m.tie_embeddings else []
+        check("lora.targets", not (lora.rank and tied), "no embed or unembed with model.tie_embeddings (one "
+              "tensor serves both: a merged export could not express an adapter on one side)")
+    check("lora.base_quantization", lora.base_quantization in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
+    check("lora.base_quantization", lora.base_quantization == "none" or lora.rank > 0,
+          "'none' with lora.rank = 0 (a quantized base is frozen: QLoRA trains adapters, set lora.rank)")
+    if lora.base_quantization == "nf4":
+        short = {k: m[k] for k in ("d_model", "mlp_dim", "head_dim") if m[k] % NF4_BLOCK}
+        check("lora.base_quantization", not short, f"int8 or none for this model: nf4 quantizes blocks of "
+              f"{NF4_BLOCK} along each projection's input, and model {short} are not multiples of {NF4_BLOCK}")
+    check("lora.rank", not lora.rank or any(rule[0] == "lora_rank" for rule in config.mesh.rules
+                                            if isinstance(rule, (tuple, list)) and rule),
+          "adapters with a mesh.rules entry for their 'lora_rank' axis (add ('lora_rank', None))")
+    check("lora.rank", not lora.rank or not need_weights or bool(m.init_from),
+          "0 without config.model.init_from: LoRA adapts pretrained weights, so set model.init_from to a Hugging "
+          "Face model directory or .gguf file (only `jit-tune compile` plans without one)")
 
 
 def _mixture_problems(config: ml_collections.ConfigDict, path: str) -> list[str]:

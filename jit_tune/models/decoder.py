@@ -8,6 +8,10 @@ Attention takes segment ids and positions: tokens attend only within their own s
 per segment. The same call serves training (no cache) and cached decoding, where the
 keys and values of earlier steps live in an explicit `KVCache` passed in and out.
 
+With `lora.rank`, targeted weights carry LoRA adapters (models/lora.py) and, with
+`lora.base_quantization`, the frozen projections are stored int8 or NF4
+(models/quantize.py); every projection goes through `lora.project`.
+
 Shape suffixes: B batch, L query length, S key length, D model dim, N query heads,
 K key/value heads, G = N // K, H head dim, F mlp dim, V vocab.
 """
@@ -15,6 +19,7 @@ K key/value heads, G = N // K, H head dim, F mlp dim, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 from typing import NamedTuple
 
@@ -25,6 +30,8 @@ from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec
 
 from jit_tune.models.attention import attention, resolve
+from jit_tune.models.lora import LoraConfig, adapter, add_adapter, embedding_delta, project
+from jit_tune.models.quantize import QuantizedWeight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +83,8 @@ class DecoderConfig:
     # (a saved "auto" picks the kernel of wherever the model is loaded). Cached decoding
     # always uses xla.
     attention: str = "xla"
+    # LoRA adapters and the frozen base's storage (rank 0: none, full fine-tuning).
+    lora: LoraConfig = LoraConfig()
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
@@ -116,6 +125,18 @@ def _param(config: DecoderConfig, rngs: nnx.Rngs, shape: tuple[int, ...], axes: 
            fan_in: int) -> nnx.Param:
     init = jax.nn.initializers.normal(stddev=fan_in**-0.5)
     return nnx.Param(init(rngs.params(), shape, jnp.dtype(config.param_dtype)), out_sharding=axes)
+
+
+def _projection(module: nnx.Module, name: str, config: DecoderConfig, rngs: nnx.Rngs, shape: tuple[int, ...],
+                axes: tuple[str, ...], n_in: int) -> None:
+    """The weight `name` [in..., out...] of `module` (its first `n_in` axes are inputs): a
+    Param, or frozen and quantized with lora.base_quantization; and its LoRA adapter when
+    lora.targets names it."""
+    weight = _param(config, rngs, shape, axes, math.prod(shape[:n_in]))
+    if config.lora.base_quantization != "none":
+        weight = QuantizedWeight(weight[...], axes, n_in, config.lora.base_quantization)
+    setattr(module, name, weight)
+    add_adapter(module, name, shape, axes, n_in, config.lora, rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -184,12 +205,10 @@ class Attention(nnx.Module):
         c = config
         self.config = c
         self.sliding = c.is_sliding(layer)
-        self.q_DxNxH = _param(c, rngs, (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), c.d_model)
-        self.k_DxKxH = _param(c, rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
-        self.v_DxKxH = _param(c, rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.d_model)
-        self.o_NxHxD = _param(
-            c, rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), c.n_heads * c.head_dim
-        )
+        _projection(self, "q_DxNxH", c, rngs, (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), 1)
+        _projection(self, "k_DxKxH", c, rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 1)
+        _projection(self, "v_DxKxH", c, rngs, (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 1)
+        _projection(self, "o_NxHxD", c, rngs, (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), 2)
         if c.qkv_bias:
             zeros = partial(jnp.zeros, dtype=jnp.dtype(c.param_dtype))
             self.q_bias_NxH = nnx.Param(zeros((c.n_heads, c.head_dim)), out_sharding=("heads", "head_dim"))
@@ -199,12 +218,12 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset, c.param_dtype)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset, c.param_dtype)
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, slots_L, cache_kv=None):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, slots_L, cache_kv=None, dropout_key=None):
         c = self.config
         dt = c.compute_dtype
-        q = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.q_DxNxH[...].astype(dt))
-        k = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.k_DxKxH[...].astype(dt))
-        v = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.v_DxKxH[...].astype(dt))
+        q = project(self, "q_DxNxH", "bld,dnh->blnh", x_BxLxD, c.lora, dropout_key)
+        k = project(self, "k_DxKxH", "bld,dkh->blkh", x_BxLxD, c.lora, dropout_key)
+        v = project(self, "v_DxKxH", "bld,dkh->blkh", x_BxLxD, c.lora, dropout_key)
         if c.qkv_bias:
             q = q + self.q_bias_NxH[...].astype(dt)
             k = k + self.k_bias_KxH[...].astype(dt)
@@ -229,23 +248,22 @@ class Attention(nnx.Module):
         out = attention(q, k, v, segment_ids_BxL, kv_segment, slots_L, kv_slots,
                         window=c.sliding_window if self.sliding else 0, softcap=c.attn_softcap,
                         scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5, implementation=implementation)
-        return jnp.einsum("blnh,nhd->bld", out, self.o_NxHxD[...].astype(dt)), new_cache_kv
+        return project(self, "o_NxHxD", "blnh,nhd->bld", out, c.lora, dropout_key), new_cache_kv
 
 
 class MLP(nnx.Module):
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         c = config
-        self.gate_DxF = _param(c, rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
-        self.up_DxF = _param(c, rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.d_model)
-        self.down_FxD = _param(c, rngs, (c.mlp_dim, c.d_model), ("mlp", "embed"), c.mlp_dim)
-        self.activation = c.mlp_activation
+        _projection(self, "gate_DxF", c, rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), 1)
+        _projection(self, "up_DxF", c, rngs, (c.d_model, c.mlp_dim), ("embed", "mlp"), 1)
+        _projection(self, "down_FxD", c, rngs, (c.mlp_dim, c.d_model), ("mlp", "embed"), 1)
+        self.activation, self.lora = c.mlp_activation, c.lora
 
-    def __call__(self, x_BxLxD):
-        dt = x_BxLxD.dtype
-        gate = jnp.einsum("bld,df->blf", x_BxLxD, self.gate_DxF[...].astype(dt))
-        up = jnp.einsum("bld,df->blf", x_BxLxD, self.up_DxF[...].astype(dt))
+    def __call__(self, x_BxLxD, dropout_key=None):
+        gate = project(self, "gate_DxF", "bld,df->blf", x_BxLxD, self.lora, dropout_key)
+        up = project(self, "up_DxF", "bld,df->blf", x_BxLxD, self.lora, dropout_key)
         act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return jnp.einsum("blf,fd->bld", act * up, self.down_FxD[...].astype(dt))
+        return project(self, "down_FxD", "blf,fd->bld", act * up, self.lora, dropout_key)
 
 
 # "dots" keeps the outputs of matmuls against weights (no batch dimensions), not the
@@ -266,10 +284,11 @@ class Block(nnx.Module):
             self.mlp_post_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset, c.param_dtype)
         self.post_norms = c.post_norms
 
-    def __call__(self, x, positions, segment_ids, slots, cache_kv=None):
-        attn_out, new_cache_kv = self.attn(self.attn_norm(x), positions, segment_ids, slots, cache_kv)
+    def __call__(self, x, positions, segment_ids, slots, cache_kv=None, dropout_key=None):
+        # One dropout key for the layer: each projection folds in its own stem (lora.project).
+        attn_out, new_cache_kv = self.attn(self.attn_norm(x), positions, segment_ids, slots, cache_kv, dropout_key)
         mlp_in = x + (self.attn_post_norm(attn_out) if self.post_norms else attn_out)
-        mlp_out = self.mlp(self.mlp_norm(mlp_in))
+        mlp_out = self.mlp(self.mlp_norm(mlp_in), dropout_key)
         return mlp_in + (self.mlp_post_norm(mlp_out) if self.post_norms else mlp_out), new_cache_kv
 
 
@@ -281,6 +300,7 @@ class Decoder(nnx.Module):
             jax.random.normal(rngs.params(), (c.vocab_size, c.d_model), jnp.dtype(c.param_dtype)),
             out_sharding=("vocab", "embed"),
         )
+        add_adapter(self, "embed_VxD", (c.vocab_size, c.d_model), ("vocab", "embed"), 1, c.lora, rngs)
         if c.scan_layers:
             self.blocks = _stacked_blocks(c, rngs)
         else:
@@ -288,6 +308,7 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_offset, c.param_dtype)
         if not c.tie_embeddings:
             self.unembed_DxV = _param(c, rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model)
+            add_adapter(self, "unembed_DxV", (c.d_model, c.vocab_size), ("embed", "vocab"), 1, c.lora, rngs)
 
     def __call__(
         self,
@@ -297,14 +318,18 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         hidden_only: bool = False,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Float32 logits [B, L, V] ([B, 1, V] for the last position only, with
         `last_only`), and the updated cache when one is given. With `hidden_only`, the
         final normed hidden states [B, L, D] instead: the training loss projects them to
         the vocabulary a chunk at a time (`vocab_logits` with `unembedding()`), so the
-        whole [B, L, V] never exists."""
+        whole [B, L, V] never exists. A `dropout_key` (training) turns LoRA dropout on."""
         c = self.config
         x = self.embed_VxD[...].astype(c.compute_dtype)[tokens_BxL]
+        delta = embedding_delta(self, tokens_BxL, c.lora, c.compute_dtype)
+        if delta is not None:
+            x = x + delta
         if c.embed_scale:
             x = x * jnp.asarray(c.d_model**0.5, c.compute_dtype)
         x = constrain(x, "batch", "length", "activation_embed")
@@ -318,16 +343,18 @@ class Decoder(nnx.Module):
         if cache is None and c.remat != "none":
             call = nnx.remat(call, policy=REMAT_POLICIES[c.remat], prevent_cse=True)
 
-        def layer(block, x, k, v):
+        def layer(block, x, k, v, i):
             layer_cache = None if cache is None else (k, v, kv_segment, cache.index)
-            x, kv = call(block, x, positions_BxL, segment_ids_BxL, slots, layer_cache)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            x, kv = call(block, x, positions_BxL, segment_ids_BxL, slots, layer_cache, key)
             return constrain(x, "batch", "length", "activation_embed"), kv
 
         if c.scan_layers:
-            x, new_k, new_v = _scan_layers(layer, self.blocks, x, cache)
+            x, new_k, new_v = _scan_layers(layer, self.blocks, x, cache, c.n_layers)
         else:
             for i, block in enumerate(self.blocks):
-                x, kv = layer(block, x, *((None, None) if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i])))
+                kv_in = (None, None) if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i])
+                x, kv = layer(block, x, *kv_in, i)
                 if kv is not None:
                     new_k.append(kv[0])
                     new_v.append(kv[1])
@@ -342,17 +369,38 @@ class Decoder(nnx.Module):
         new_cache = KVCache(new_k, new_v, kv_segment, cache.index + tokens_BxL.shape[1])
         return logits, new_cache
 
-    def unembedding(self) -> jax.Array:
+    def unembedding(self) -> Unembedding:
         """The output projection [D, V] in the compute dtype (the embedding's transpose
-        when tied); `vocab_logits` applies it with config.final_softcap."""
-        unembed = self.embed_VxD[...].T if self.config.tie_embeddings else self.unembed_DxV[...]
-        return unembed.astype(self.config.compute_dtype)
+        when tied), with its LoRA factors when adapted; `vocab_logits` applies it with
+        config.final_softcap."""
+        c = self.config
+        unembed = self.embed_VxD[...].T if c.tie_embeddings else self.unembed_DxV[...]
+        lora = None if c.tie_embeddings else adapter(self, "unembed_DxV")
+        if lora is None:
+            return Unembedding(unembed.astype(c.compute_dtype))
+        a, b = lora
+        return Unembedding(unembed.astype(c.compute_dtype), (c.lora.scale * a[...]).astype(c.compute_dtype),
+                           b[...].astype(c.compute_dtype))
 
 
-def vocab_logits(x_BxLxD: jax.Array, unembed_DxV: jax.Array, softcap: float) -> jax.Array:
+class Unembedding(NamedTuple):
+    """The output projection and, with LoRA, its factors (A already scaled by alpha / r):
+    logits = x W + (x A) B, never forming W + A B."""
+
+    w_DxV: jax.Array
+    a_DxR: jax.Array | None = None
+    b_RxV: jax.Array | None = None
+
+
+def vocab_logits(x_BxLxD: jax.Array, unembed: Unembedding | jax.Array, softcap: float) -> jax.Array:
     """Float32 logits of final hidden states, softcapped: of every position, or of one
     chunk of positions (train/step.py's chunked loss)."""
-    logits = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV, preferred_element_type=jnp.float32)
+    if not isinstance(unembed, Unembedding):
+        unembed = Unembedding(unembed)
+    logits = jnp.einsum("bld,dv->blv", x_BxLxD, unembed.w_DxV, preferred_element_type=jnp.float32)
+    if unembed.a_DxR is not None:
+        x_BxLxR = jnp.einsum("bld,dr->blr", x_BxLxD, unembed.a_DxR)
+        logits = logits + jnp.einsum("blr,rv->blv", x_BxLxR, unembed.b_RxV, preferred_element_type=jnp.float32)
     return constrain(_softcap(logits, softcap), "batch", "length", "vocab")
 
 
@@ -366,17 +414,18 @@ def _stacked_blocks(config: DecoderConfig, rngs: nnx.Rngs) -> Block:
     return create(rngs)
 
 
-def _scan_layers(layer, blocks: Block, x: jax.Array, cache: KVCache | None):
+def _scan_layers(layer, blocks: Block, x: jax.Array, cache: KVCache | None, n_layers: int):
     """Run `layer` over the stacked blocks (and each layer's cache slice, when decoding),
     as a plain lax.scan over the blocks' state: it also runs inside decoding's while loop."""
     graphdef, state = nnx.split(blocks)
 
     def body(x, xs):
-        layer_state, k, v = xs
-        x, kv = layer(nnx.merge(graphdef, layer_state), x, k, v)
+        layer_state, k, v, i = xs
+        x, kv = layer(nnx.merge(graphdef, layer_state), x, k, v, i)
         return x, kv
 
+    layers = jnp.arange(n_layers)  # each layer's index: its LoRA dropout key, as unscanned
     if cache is None:
-        return jax.lax.scan(lambda x, s: (body(x, (s, None, None))[0], None), x, state)[0], None, None
-    x, (new_k, new_v) = jax.lax.scan(body, x, (state, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH))
+        return jax.lax.scan(lambda x, s: (body(x, (s[0], None, None, s[1]))[0], None), x, (state, layers))[0], None, None
+    x, (new_k, new_v) = jax.lax.scan(body, x, (state, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH, layers))
     return x, new_k, new_v

@@ -401,6 +401,12 @@ class SafetensorsCheckpoint:
 def load_params(directory: Path, config: DecoderConfig, abstract_params: dict) -> dict:
     """Arrays for the pure-dict of abstract params (ShapeDtypeStructs with shardings),
     each process reading only the blocks its devices hold."""
+    return _unflatten(dict(iter_params(directory, config, abstract_params)))
+
+
+def iter_params(directory: Path, config: DecoderConfig, abstract_params: dict):
+    """(path, array) for each abstract param, read when asked for: a caller that converts
+    each (quantizes it) holds one float tensor at a time."""
     checkpoint = SafetensorsCheckpoint(directory)
     names = weight_names(config)
 
@@ -418,8 +424,8 @@ def load_params(directory: Path, config: DecoderConfig, abstract_params: dict) -
         read = (stacked_reader if stacked else reader)(path, leaf.shape)
         return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: read(index).astype(leaf.dtype))
 
-    flat = _flatten(abstract_params)
-    return _unflatten({path: load(path, leaf) for path, leaf in flat.items()})
+    for path, leaf in _flatten(abstract_params).items():
+        yield path, load(path, leaf)
 
 
 _SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}

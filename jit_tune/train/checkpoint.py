@@ -1,6 +1,10 @@
 """Orbax checkpoints of the whole run state: params, optimizer state (with the step) and
 every data stream's position, so that a resume continues with exactly the next batch.
 
+With LoRA, "params" are the adapters alone (what is trained, `lora.trainable`): the
+frozen base is not copied into every checkpoint but recorded by a fingerprint of
+model.init_from, which a restore checks before reading the base from there again.
+
 Saves are atomic (Orbax writes to a temporary directory and renames it), so an
 interrupted save never replaces the last good checkpoint, and a state that is not
 finite is never saved: the loss of step N is computed before update N, so a finite
@@ -20,6 +24,8 @@ from ml_collections import ConfigDict
 
 from jit_tune.config import ConfigError, config_to_dict
 from jit_tune.data.streams import StreamsRestore, StreamsSave, saved_stream_count
+from jit_tune.models.loading import base_fingerprint
+from jit_tune.models.lora import trainable
 
 
 class NonFiniteState(FloatingPointError):
@@ -43,6 +49,7 @@ class Checkpointer:
         `keep_every` (0: none). With the run's `config`, each save also records it, with
         the process and device counts that wrote it (`saved_run`)."""
         self.config = config
+        self._base = None  # the fingerprint of a LoRA run's base, taken at the first save
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None, create=True),
@@ -54,7 +61,8 @@ class Checkpointer:
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_iterator) -> None:
         """Save `step`, unless its state holds a NaN or inf (NonFiniteState: the last
         good checkpoint stays the latest)."""
-        state = {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+        state = {"model": nnx.to_pure_dict(nnx.state(model, trainable(model.config))),
+                 "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
         if not all_finite(state):
             good = self.latest_step()
             raise NonFiniteState(
@@ -67,6 +75,10 @@ class Checkpointer:
             # random numbers, so the config is the whole of the run's RNG state.
             run = {"config": config_to_dict(self.config),
                    "process_count": jax.process_count(), "device_count": jax.device_count()}
+            if self.config.lora.rank:  # the adapters' base
+                if self._base is None:
+                    self._base = base_fingerprint(self.config.model.init_from)
+                run["base"] = {"init_from": self.config.model.init_from, "fingerprint": self._base}
             items["run"] = ocp.args.JsonSave(run)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -74,10 +86,25 @@ class Checkpointer:
         """The config, process count and device count recorded with `step`."""
         return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore())).run
 
+    def check_base(self, step: int, init_from: str) -> None:
+        """A LoRA checkpoint's adapters belong to one base: an error unless `init_from`
+        holds the weights `step` was trained on (by fingerprint; it may have moved)."""
+        saved = self.saved_run(step).get("base")
+        if saved is None:
+            raise ConfigError(f"{self.manager.directory}/{step}: records no LoRA base; was it saved by a run "
+                              "without LoRA (config.lora.rank = 0)?")
+        if base_fingerprint(init_from) != saved["fingerprint"]:
+            raise ConfigError(
+                f"config.model.init_from = {init_from!r}: its weights are not the base the LoRA adapters in "
+                f"{self.manager.directory}/{step} were trained on (they were trained on {saved['init_from']!r}; the "
+                "fingerprints of config.json and the safetensors differ). Adapters only mean something on their "
+                "own base: point config.model.init_from at it (--config.model.init_from=...)")
+
     def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_iterator=None) -> None:
-        """Restore in place; `model` and `optimizer` give the target shapes and shardings.
-        Without a data iterator (evaluation), the data position is left unread."""
-        model_state, optimizer_state = nnx.state(model), nnx.state(optimizer)
+        """Restore in place; `model` and `optimizer` give the target shapes and shardings
+        (with LoRA, of the adapters: the rest of the model is left as it is). Without a
+        data iterator (evaluation), the data position is left unread."""
+        model_state, optimizer_state = nnx.state(model, trainable(model.config)), nnx.state(optimizer)
         target = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(optimizer_state)}
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:

@@ -20,7 +20,7 @@ def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
     )
 
 
-EMBEDDINGS = ("embed_VxD", "unembed_DxV")
+EMBEDDINGS = ("embed_VxD", "unembed_DxV", "embed_lora_a", "embed_lora_b", "unembed_lora_a", "unembed_lora_b")
 
 
 def parameter_name(path) -> str:
@@ -32,7 +32,8 @@ def parameter_name(path) -> str:
 
 def decays(name: str, decay_embeddings: bool) -> bool:
     """Weight decay by what a parameter is, not by its rank (a scanned model's stacked
-    norm scales are matrices): never norm scales or biases; embeddings as configured."""
+    norm scales are matrices): never norm scales or biases; embeddings (and their LoRA
+    adapters) as configured; other adapters, like the weights they adapt, always."""
     if name == "scale" or "bias" in name:
         return False
     return decay_embeddings or name not in EMBEDDINGS

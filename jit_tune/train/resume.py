@@ -9,6 +9,7 @@ Fixed by the checkpoint:
   model.*           the architecture and parameter dtype: the saved state has their
                     shapes (except model.dtype, model.remat, model.init_from and
                     model.max_position_embeddings, which do not change the state)
+  lora.*            the adapters' shapes and the base's storage (except lora.dropout)
   seed              the data order and initialization derive from it
   data.tokenizer*, data.chat_template, data.builtin_seed
                     the token ids the parameters were trained on
@@ -22,9 +23,9 @@ mesh (the state is restored onto any mesh).
 
 from __future__ import annotations
 
-FIXED = ("model.", "seed", "data.tokenizer", "data.chat_template", "data.builtin_seed", "data.seq_len",
+FIXED = ("model.", "lora.", "seed", "data.tokenizer", "data.chat_template", "data.builtin_seed", "data.seq_len",
          "data.packing", "data.workers")
-NOT_FIXED = ("model.dtype", "model.remat", "model.init_from", "model.max_position_embeddings")
+NOT_FIXED = ("model.dtype", "model.remat", "model.init_from", "model.max_position_embeddings", "lora.dropout")
 
 
 class ResumeError(ValueError):
@@ -55,6 +56,10 @@ def config_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
 
 def check_resume(saved: dict, new: dict, where: str) -> list[str]:
     """Lines describing the applied changes; a ResumeError naming any fixed field that changed."""
+    if "lora" not in saved:  # saved before LoRA existed: trained without it
+        from jit_tune.config import config_to_dict, default_config
+
+        saved = {**saved, "lora": config_to_dict(default_config())["lora"]}
     changes = config_changes(saved, new)
     fixed = [f"config.{key}: {old!r} -> {value!r}" for key, old, value in changes if is_fixed(key)]
     if fixed:

@@ -6,6 +6,9 @@ hidden states to the vocabulary `loss_chunk` positions at a time, in a loop whos
 is rematerialized, so the backward pass recomputes each chunk's logits instead of
 keeping them (MaxText's vocabulary tiling, Levanter's blockwise cross-entropy). Only
 one chunk's logits, [B, loss_chunk, V], are alive at a time, forward or backward.
+
+The gradient is taken with respect to what the model trains (`lora.trainable`): every
+parameter, or with LoRA the adapters alone, the frozen base then being a constant.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jit_tune.mesh import BATCH_SPEC
-from jit_tune.models.decoder import Decoder, constrain, vocab_logits
+from jit_tune.models.decoder import Decoder, Unembedding, constrain, vocab_logits
+from jit_tune.models.lora import dropout_key, trainable
 
 LOSS_CHUNK = 1024  # config.train.loss_chunk's default
 
@@ -29,13 +33,13 @@ def token_losses(model: Decoder, batch: dict[str, jax.Array]) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
 
 
-def chunked_token_losses(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array,
+def chunked_token_losses(hidden_BxLxD: jax.Array, unembed: Unembedding | jax.Array, targets_BxL: jax.Array,
                          softcap: float, chunk: int) -> jax.Array:
     """Cross-entropy of every target token [B, L], computing the logits of `chunk`
     positions at a time (0, or a chunk >= L: all at once). L need not be a multiple of
     the chunk: the last chunk is padded, and the padding's losses are dropped."""
     def losses(x_BxCxD, targets_BxC):
-        return optax.softmax_cross_entropy_with_integer_labels(vocab_logits(x_BxCxD, unembed_DxV, softcap),
+        return optax.softmax_cross_entropy_with_integer_labels(vocab_logits(x_BxCxD, unembed, softcap),
                                                                targets_BxC)
 
     b, length, d = hidden_BxLxD.shape
@@ -56,11 +60,12 @@ def chunked_token_losses(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, target
 
 
 def _summed_loss(params: nnx.State, graphdef, rest: nnx.State, batch: dict[str, jax.Array], loss_chunk: int,
-                 num_tasks: int):
+                 num_tasks: int, key: jax.Array | None = None):
     """Sum of trained-token losses of one (micro)batch, and (not differentiated) its
-    trained-token count and, with `num_tasks`, each task's loss sum and trained tokens."""
+    trained-token count and, with `num_tasks`, each task's loss sum and trained tokens.
+    `key`: LoRA dropout's."""
     model = nnx.merge(graphdef, params, rest)
-    hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], hidden_only=True)
+    hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], hidden_only=True, dropout_key=key)
     losses = chunked_token_losses(hidden, model.unembedding(), batch["targets"], model.config.final_softcap,
                                   loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -83,15 +88,19 @@ def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
 
 
 def summed_loss_and_grads(model: Decoder, batch: dict[str, jax.Array], microbatches: int = 1,
-                          loss_chunk: int = LOSS_CHUNK, num_tasks: int = 0) -> tuple[dict, nnx.State]:
+                          loss_chunk: int = LOSS_CHUNK, num_tasks: int = 0,
+                          dropout_key: jax.Array | None = None) -> tuple[dict, nnx.State]:
     """The sums over the whole batch (`_summed_loss`'s, with the loss sum as "loss_sum")
-    and the gradient of the loss sum, in `microbatches` sequential slices (gradient
-    accumulation). Traced inside train_step; tests jit it on its own."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    and the gradient of the loss sum with respect to the trained parameters (all, or
+    LoRA's adapters), in `microbatches` sequential slices (gradient accumulation).
+    Traced inside train_step; tests jit it on its own."""
+    graphdef, params, rest = nnx.split(model, trainable(model.config), ...)
     grad_fn = jax.value_and_grad(_summed_loss, has_aux=True)
 
-    def accumulate(totals, micro):
-        (loss_sum, sums), grads = grad_fn(params, graphdef, rest, micro, loss_chunk, num_tasks)
+    def accumulate(totals, micro_and_index):
+        micro, index = micro_and_index
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        (loss_sum, sums), grads = grad_fn(params, graphdef, rest, micro, loss_chunk, num_tasks, key)
         return jax.tree.map(jnp.add, totals, ({"loss_sum": loss_sum, **sums}, grads)), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -99,7 +108,7 @@ def summed_loss_and_grads(model: Decoder, batch: dict[str, jax.Array], microbatc
     if num_tasks:
         sums.update(task_loss_sums=jnp.zeros(num_tasks), task_tokens=jnp.zeros(num_tasks))
     (sums, grads), _ = jax.lax.scan(accumulate, (sums, jax.tree.map(jnp.zeros_like, params)),
-                                    _microbatches(batch, microbatches))
+                                    (_microbatches(batch, microbatches), jnp.arange(microbatches)))
     return sums, grads
 
 
@@ -113,7 +122,8 @@ def train_step(model: Decoder, optimizer: nnx.Optimizer, batch: dict[str, jax.Ar
 
     With `num_tasks` (the batch then holds `task_ids`), the metrics also hold each
     task's summed loss and trained tokens [num_tasks], for per-task training curves."""
-    sums, grads = summed_loss_and_grads(model, batch, microbatches, loss_chunk, num_tasks)
+    key = dropout_key(model.config, optimizer.step[...])  # None without LoRA dropout
+    sums, grads = summed_loss_and_grads(model, batch, microbatches, loss_chunk, num_tasks, key)
     denominator = jnp.maximum(sums["trained_tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     optimizer.update(model, grads)

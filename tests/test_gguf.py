@@ -187,3 +187,19 @@ def test_missing_gguf_package_names_the_install(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
     with pytest.raises(jit_gguf.GGUFError, match=f"{path}: reading a GGUF file needs gguf: pip install 'jit_tune\\[gguf\\]'"):
         jit_gguf.convert_gguf(path, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_smollm2_config_tunes_the_real_model_with_lora_and_exports_a_peft_adapter(tmp_path):
+    """configs/smollm2.py:lora_smoke end to end: the real GGUF, T0 data, LoRA, eval, export."""
+    _smollm2()
+    if not (Path(__file__).resolve().parents[2] / "shared/data/t0_train").is_dir():
+        pytest.skip("../shared/data is absent (a fresh clone)")
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/smollm2.py:lora_smoke", "--workdir", str(workdir)]) == 0
+    results = json.loads((workdir / "eval/results.json").read_text())["results"]
+    assert results["clusters"]["sentiment"]["held_out_of_training"]
+    assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "adapter")]) == 0
+    adapter = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert adapter["r"] == 16 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"}

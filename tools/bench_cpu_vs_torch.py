@@ -51,7 +51,7 @@ def jit_tune_step_times(precision: str, steps: int, overrides: list[str]) -> tup
     with mesh_lib.use_mesh(config, mesh):
         for _ in range(steps + 1):  # the first one compiles
             start = time.perf_counter()
-            float(train_step(model, optimizer, mesh_lib.global_batch(batch, mesh), 1)["loss"])
+            float(train_step(model, optimizer, mesh_lib.global_batch(batch, mesh), 1, config.train.loss_chunk)["loss"])
             times.append(time.perf_counter() - start)
     return times[1:], params
 

@@ -3,7 +3,9 @@
 Resume order, when the workdir holds a checkpoint: the config is checked against the
 checkpoint's (train/resume.py), then the tokenizer (workdir/tokenizer), params,
 optimizer state and step, then the data iterator position, all from the latest
-complete checkpoint. Running the same command again therefore continues exactly.
+complete checkpoint (with LoRA, params are the adapters: the frozen base is read from
+model.init_from again, once its fingerprint matches the checkpoint's). Running the same
+command again therefore continues exactly.
 
 Nothing is written to the workdir before the run is accepted: config.json (and, on a
 first run, the tokenizer) are written, atomically, once the checkpoint is restored and
@@ -39,7 +41,7 @@ from jit_tune.train.metrics import DataStats, Progress, TaskLosses, Throughput
 from jit_tune.train.optimizer import learning_rate_schedule
 from jit_tune.train.preemption import SIGNALS, Preempted
 from jit_tune.train.resume import ResumeError, check_resume
-from jit_tune.train.state import create_model_and_optimizer, decoder_config
+from jit_tune.train.state import create_model_and_optimizer, decoder_config, restore_model_and_optimizer
 from jit_tune.train.step import train_step
 from jit_tune.train.trackers import Trackers, open_trackers
 
@@ -105,9 +107,10 @@ def setup(config: ConfigDict, workdir: Path) -> Run:
                           f"{workdir} has {streams} data streams: set it to {streams}, or 0 to follow the checkpoint")
     data_iterator = iter(train_dataset(config, tokenizer, registry, jax.process_index(), jax.process_count(), streams))
     status(f"Restoring step {start_step}" if start_step else "Creating the model")
-    model, optimizer = create_model_and_optimizer(config, mesh, abstract=start_step > 0)
     if start_step:
-        checkpointer.restore(start_step, model, optimizer, data_iterator)
+        model, optimizer = restore_model_and_optimizer(config, mesh, checkpointer, start_step, data_iterator)
+    else:
+        model, optimizer = create_model_and_optimizer(config, mesh)
     with written_by_main("config") as writer:  # the run is accepted: record it
         if writer:
             if not start_step:
@@ -202,10 +205,14 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                 if in_flight is not None:
                     finish(in_flight)
                 in_flight = (step, metrics, tokens, slots, counts, step % t.log_every == 0 or step == last_step)
-                if step % t.checkpoint_every == 0 or step == last_step:
-                    # Checked before saving, so a non-finite loss never reaches a checkpoint.
+                save = step % t.checkpoint_every == 0 or step == last_step
+                # Finished now: before saving, so a non-finite loss never reaches a checkpoint;
+                # and the first step before the next is queued, so the throughput window opens
+                # with the device idle (a CPU may run a queued step inside the call).
+                if save or step == first_step:
                     finish(in_flight)
                     in_flight = None
+                if save:
                     checkpointer.save(step, model, optimizer, data_iterator)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
                     with SIGNALS.in_phase("eval"), throughput.excluded():

@@ -56,7 +56,8 @@ def attention_mask(q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, window: i
     return mask
 
 
-def _softcap(x: jax.Array, cap: float) -> jax.Array:
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap), or x when cap is 0 (attention logits here, final logits in the decoder)."""
     return cap * jnp.tanh(x / cap) if cap else x
 
 
@@ -64,7 +65,7 @@ def _masked_logits(q_BxLxKxGxH, k_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot
                    window: int, softcap: float, scale: float) -> jax.Array:
     """Float32 scores [B, K, G, L, S], masked ones set to MASKED."""
     logits = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
-    logits = _softcap(logits * scale, softcap)
+    logits = soft_cap(logits * scale, softcap)
     mask_BxLxS = attention_mask(q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, window)
     return jnp.where(mask_BxLxS[:, None, None], logits, MASKED)
 

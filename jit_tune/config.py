@@ -641,23 +641,28 @@ def config_from_dict(values: dict, source: str, check_files: bool = True) -> ml_
     collections (mixture, tasks, groups) taken whole; validated and locked. Fields the
     saved config lacks (it predates them) keep their defaults."""
     config = default_config()
-
-    def update(node: ml_collections.ConfigDict, saved: dict, prefix: str):
-        for key, value in saved.items():
-            if key not in node:
-                raise ConfigError(f"{source}: unknown field config.{prefix}{key} (saved by another version of "
-                                  "jit_tune?)")
-            if f"{prefix}{key}" in COLLECTIONS:
-                node[key] = ml_collections.ConfigDict(value)
-            elif isinstance(node[key], ml_collections.ConfigDict):
-                update(node[key], value, f"{prefix}{key}.")
-            else:
-                node[key] = _as_tuples(value) if isinstance(node[key], tuple) else value
-
-    update(config, values, "")
+    update_from_saved(config, values, COLLECTIONS,
+                      lambda field: f"{source}: unknown field config.{field} (saved by another version of jit_tune?)")
     validate(config, source, check_files=check_files)
     config.lock()
     return config
+
+
+def update_from_saved(node: ml_collections.ConfigDict, saved: dict, collections, unknown, prefix: str = "") -> None:
+    """Set `node`'s fields from a saved dict (config.json, a manifest): nested sections
+    field by field, so fields the saved dict predates keep their defaults; `collections`
+    (dotted names) taken whole; lists back to tuples. `unknown(field)` is the error
+    message for a field the defaults lack."""
+    for key, value in saved.items():
+        field = f"{prefix}{key}"
+        if key not in node:
+            raise ConfigError(unknown(field))
+        if field in collections:
+            node[key] = ml_collections.ConfigDict(value)
+        elif isinstance(node[key], ml_collections.ConfigDict):
+            update_from_saved(node[key], value, collections, unknown, f"{field}.")
+        else:
+            node[key] = _as_tuples(value) if isinstance(node[key], tuple) else value
 
 
 def _as_tuples(value):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jit_tune.config import ConfigError, load_config
+from jit_tune.config import ConfigError, load_config, update_from_saved
 
 KINDS = ("dirichlet", "grid", "leave_one_out", "task_count")
 PRIORS = ("uniform", "examples")
@@ -85,19 +85,8 @@ def sweep_from_dict(values: dict, source: str) -> ml_collections.ConfigDict:
     """A sweep config saved in a manifest, on today's defaults (fields it predates keep
     their defaults), validated."""
     sweep = default_sweep_config()
-
-    def update(node, saved: dict, prefix: str):
-        for key, value in saved.items():
-            if key not in node:
-                raise ConfigError(f"{source}: unknown sweep field {prefix}{key}")
-            if f"{prefix}{key}" in ("space.grid", "target.metrics"):
-                node[key] = ml_collections.ConfigDict(value)
-            elif isinstance(node[key], ml_collections.ConfigDict):
-                update(node[key], value, f"{prefix}{key}.")
-            else:
-                node[key] = tuple(value) if isinstance(node[key], tuple) else value
-
-    update(sweep, values, "")
+    update_from_saved(sweep, values, ("space.grid", "target.metrics"),
+                      lambda field: f"{source}: unknown sweep field {field}")
     validate_sweep(sweep, source)
     return sweep
 

@@ -135,3 +135,16 @@ def test_two_local_processes_share_the_runs_and_failures_are_listed_not_dropped(
     assert f"failed: {broken['id']}: ConfigError" in out and f"not finished (1): {broken['id']}" in out
     table = pd.read_csv(directory / "results.csv")
     assert len(table) == 4 and table.set_index("id").loc[broken["id"], "status"] == "failed"
+
+
+def test_a_saved_sweep_reloads_on_todays_defaults_and_an_unknown_field_is_named():
+    from jit_tune.sweep.config import default_sweep_config, sweep_from_dict
+
+    saved = default_sweep_config().to_dict()
+    saved["base"] = "configs/tiny.py:heldout"
+    saved["space"]["points"] = 5
+    del saved["confirm"]  # a manifest from before the field existed
+    sweep = sweep_from_dict(saved, "s's manifest")
+    assert sweep.space.points == 5 and sweep.confirm == default_sweep_config().confirm
+    with pytest.raises(ConfigError, match="s's manifest: unknown sweep field space.pointz"):
+        sweep_from_dict({**saved, "space": {"pointz": 5}}, "s's manifest")

@@ -23,6 +23,13 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_SPEC = PartitionSpec(("data", "fsdp"))
 
 
+def platform() -> str:
+    """The platform a computation being traced is for: the mesh's (`jit-tune compile`
+    traces for a TPU topology on a CPU host), else this process's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
 def mesh_shape(config: ConfigDict, n_devices: int) -> tuple[int, ...]:
     """Axis sizes within a slice with the -1 axis filled; an error if they do not tile
     the slice's devices."""

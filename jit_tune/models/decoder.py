@@ -30,6 +30,7 @@ from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec
 
 from jit_tune.models.attention import attention, resolve, soft_cap
+from jit_tune.models.dense import dense
 from jit_tune.models.lora import LoraConfig, adapter, add_adapter, embedding_delta, project
 from jit_tune.models.quantize import QuantizedWeight
 
@@ -382,7 +383,7 @@ def vocab_logits(x_BxLxD: jax.Array, unembed: Unembedding | jax.Array, softcap: 
     chunk of positions (train/step.py's chunked loss)."""
     if not isinstance(unembed, Unembedding):
         unembed = Unembedding(unembed)
-    logits = jnp.einsum("bld,dv->blv", x_BxLxD, unembed.w_DxV, preferred_element_type=jnp.float32)
+    logits = dense(x_BxLxD, unembed.w_DxV, dtype=jnp.float32)
     if unembed.a_DxR is not None:
         x_BxLxR = jnp.einsum("bld,dr->blr", x_BxLxD, unembed.a_DxR)
         logits = logits + jnp.einsum("blr,rv->blv", x_BxLxR, unembed.b_RxV, preferred_element_type=jnp.float32)

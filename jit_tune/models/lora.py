@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jit_tune.models.dense import dense
 from jit_tune.models.quantize import QuantizedWeight
 
 # The weights LoRA can adapt, by stem: attention, MLP, embeddings.
@@ -111,14 +112,14 @@ def project(module: nnx.Module, weight_name: str, spec: str, x: jax.Array, confi
     """einsum(spec, x, W) for the module's weight `weight_name`, plus its adapter's
     (alpha / r) dropout(x) A B when it has one. The adapter's einsums follow from `spec`:
     for "bld,dnh->blnh", x A is "bld,dr->blr" and (x A) B is "blr,rnh->blnh"."""
-    y = jnp.einsum(spec, x, base_weight(module, weight_name, x.dtype))
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    contracted = "".join(c for c in rhs if c in lhs)
+    y = dense(x, base_weight(module, weight_name, x.dtype), len(contracted))
     lora = adapter(module, weight_name)
     if lora is None:
         return y
     a, b = (p[...].astype(x.dtype) for p in lora)
-    inputs, out = spec.split("->")
-    lhs, rhs = inputs.split(",")
-    contracted = "".join(c for c in rhs if c in lhs)
     rest = "".join(c for c in lhs if c not in rhs)
     weight_out = "".join(c for c in rhs if c not in lhs)
     if dropout_key is not None and config.dropout > 0:

@@ -1,0 +1,53 @@
+"""models/dense.py: the product of activations and weights equals the einsum it replaces,
+values and gradients, in float32 and in bfloat16 (whose CPU backward is written by hand)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jit_tune.models.dense import dense
+
+CASES = [  # (einsum, x shape, w shape, n_in): the decoder's projections
+    ("bld,df->blf", (2, 6, 8), (8, 12), 1),
+    ("bld,dnh->blnh", (2, 6, 8), (8, 3, 4), 1),
+    ("blnh,nhd->bld", (2, 6, 3, 4), (3, 4, 8), 2),
+]
+
+
+def _inputs(x_shape, w_shape):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    return jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape), kg
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape,n_in", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
+def test_values_and_gradients_equal_the_einsum(spec, x_shape, w_shape, n_in, dtype, tol):
+    x, w, key = _inputs(x_shape, w_shape)
+    cotangent = jax.random.normal(key, jax.eval_shape(lambda: jnp.einsum(spec, x, w)).shape)
+
+    def ours(x, w):
+        return dense(x.astype(dtype), w.astype(dtype), n_in).astype(jnp.float32)
+
+    def reference(x, w):  # float32 throughout, from the same rounded inputs
+        return jnp.einsum(spec, x.astype(dtype).astype(jnp.float32), w.astype(dtype).astype(jnp.float32))
+
+    got, got_vjp = jax.jit(lambda x, w: jax.vjp(ours, x, w))(x, w)
+    want, want_vjp = jax.vjp(reference, x, w)
+    assert got.shape == want.shape
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, atol=tol * scale)
+    for g, r in zip(got_vjp(cotangent), want_vjp(cotangent)):
+        np.testing.assert_allclose(g, r, atol=tol * float(jnp.abs(r).max()))
+
+
+def test_the_result_dtype_and_float32_logits_from_bfloat16():
+    x, w, _ = _inputs((2, 6, 8), (8, 12))
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert dense(xb, wb).dtype == jnp.bfloat16
+    assert dense(xb, w).dtype == jnp.bfloat16  # the weight follows the activations
+    logits = dense(xb, wb, dtype=jnp.float32)
+    assert logits.dtype == jnp.float32
+    # Accumulated in float32: no bfloat16 rounding of the sums.
+    exact = jnp.einsum("bld,dv->blv", xb.astype(jnp.float32), wb.astype(jnp.float32))
+    np.testing.assert_allclose(logits, exact, rtol=1e-6, atol=1e-5)

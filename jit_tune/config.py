@@ -26,6 +26,9 @@ class ConfigError(ValueError):
     pass
 
 
+# models/attention.py's CHOICES, spelled out here so loading a config imports no JAX
+# (tests/test_attention.py checks that the two agree).
+ATTENTION_CHOICES = ("auto", "xla", "xla_tiled", "xla_chunked", "splash", "pallas_gpu")
 WANDB_MISSING = "wandb is not installed: pip install 'jit_tune[wandb]'"
 
 
@@ -80,8 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
     # identical layers, and HF import/export read and write unstacked layers only.
     c.model.scan_layers = False
     # Attention implementation (models/attention.py): "auto" (TPU: splash; GPU: pallas_gpu,
-    # or xla_chunked with sliding windows or soft-caps; CPU: xla), xla (the whole score
-    # matrix), xla_chunked (flash-style in pure JAX), splash or pallas_gpu (Pallas kernels).
+    # or xla_chunked with sliding windows or soft-caps; CPU: xla_tiled), xla (the whole
+    # score matrix), xla_tiled (query tiles skipping the masked triangle), xla_chunked
+    # (flash-style in pure JAX), splash or pallas_gpu (Pallas kernels).
     c.model.attention = "auto"
 
     c.data = ml_collections.ConfigDict()
@@ -427,9 +431,9 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("model.scan_layers", not m.scan_layers or len(set(m.layer_types)) <= 1,
           "false when model.layer_types mixes full and sliding layers (scanned layers are identical)")
     check("model.remat", m.remat in ("none", "full", "dots"), "'none', 'full' or 'dots'")
-    check("model.attention", m.attention in ("auto", "xla", "xla_chunked", "splash", "pallas_gpu") and not (
+    check("model.attention", m.attention in ATTENTION_CHOICES and not (
           m.attention == "pallas_gpu" and (m.attn_softcap or (m.sliding_window and "sliding" in m.layer_types))),
-          "auto, xla, xla_chunked, splash or pallas_gpu (pallas_gpu: no attn_softcap or sliding layers)")
+          f"{', '.join(ATTENTION_CHOICES)} (pallas_gpu: no attn_softcap or sliding layers)")
     check("model.param_dtype", m.param_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.rope_theta", m.rope_theta > 0, "a positive number")
     check("model.rope_scaling", m.rope_scaling in ("default", "linear", "llama3"), "'default', 'linear' or 'llama3'")

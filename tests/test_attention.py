@@ -20,6 +20,8 @@ B, L, N, K, H = 2, 40, 4, 2, 16  # GQA: two query heads per kv head
 SEGMENTS = np.array([[1] * 11 + [2] * 17 + [3] * 5 + [0] * 7, [0] * 6 + [1] * 20 + [2] * 14], np.int32)
 SLOTS = jnp.arange(L)
 IMPLEMENTATIONS = {
+    "xla_tiled": partial(attn.xla_tiled, tile=8, max_tiles=3),  # 40 queries: tiles of 13, 14 and 13
+    "xla_tiled_one_tile": attn.xla_tiled,
     "xla_chunked": partial(attn.xla_chunked, block=16),  # 40 keys: three blocks, the last one padded
     "xla_chunked_one_block": attn.xla_chunked,
     "splash": attn.splash,
@@ -169,7 +171,7 @@ def test_auto_resolves_by_backend(monkeypatch):
     plain = DecoderConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=96)
     capped = dataclasses.replace(plain, attn_softcap=50.0)
     sliding = dataclasses.replace(plain, sliding_window=4, layer_types=("sliding", "full"))
-    assert attn.resolve("auto", plain) == attn.CPU_DEFAULT == "xla"  # the tests run on CPU
+    assert attn.resolve("auto", plain) == attn.CPU_DEFAULT == "xla_tiled"  # the tests run on CPU
     assert attn.resolve("splash", plain) == "splash"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert attn.resolve("auto", sliding) == "splash"
@@ -181,8 +183,11 @@ def test_auto_resolves_by_backend(monkeypatch):
 def test_config_names_every_implementation():
     from jit_tune.config import ConfigError, default_config, validate
 
+    from jit_tune.config import ATTENTION_CHOICES
+
     config = default_config()
     assert config.model.attention == "auto"
+    assert ATTENTION_CHOICES == attn.CHOICES
     for name in attn.CHOICES:
         config.model.attention = name
         validate(config)
@@ -215,7 +220,7 @@ def _packed_row():
 
 
 @pytest.mark.parametrize("base", [CONFIG, GEMMA], ids=["llama", "gemma2"])
-@pytest.mark.parametrize("name", ["xla_chunked", "splash", "pallas_gpu"])
+@pytest.mark.parametrize("name", ["xla_tiled", "xla_chunked", "splash", "pallas_gpu"])
 def test_decoder_logits_equal_xla_on_a_packed_row(base, name):
     if not _supports(name, base.sliding_window, base.attn_softcap):
         pytest.skip("pallas_gpu has no window or soft-cap")

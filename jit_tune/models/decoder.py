@@ -79,10 +79,10 @@ class DecoderConfig:
     # One scanned, stacked block instead of n_layers unrolled ones: compile time and
     # program size stop growing with depth. Needs identical layers (no mixed layer_types).
     scan_layers: bool = False
-    # Attention implementation (models/attention.py): xla, xla_chunked, splash, pallas_gpu,
-    # or "auto", resolved when a layer is traced, by the backend of the process running it
-    # (a saved "auto" picks the kernel of wherever the model is loaded). Cached decoding
-    # always uses xla.
+    # Attention implementation (models/attention.py): xla, xla_tiled, xla_chunked, splash,
+    # pallas_gpu, or "auto", resolved when a layer is traced, by the backend of the process
+    # running it (a saved "auto" picks the kernel of wherever the model is loaded). Cached
+    # decoding always uses xla.
     attention: str = "xla"
     # LoRA adapters and the frozen base's storage (rank 0: none, full fine-tuning).
     lora: LoraConfig = LoraConfig()

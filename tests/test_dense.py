@@ -51,3 +51,17 @@ def test_the_result_dtype_and_float32_logits_from_bfloat16():
     # Accumulated in float32: no bfloat16 rounding of the sums.
     exact = jnp.einsum("bld,dv->blv", xb.astype(jnp.float32), wb.astype(jnp.float32))
     np.testing.assert_allclose(logits, exact, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["bld,fd->blf", "bdl,df->blf", "bld,df->bfl"])
+def test_project_refuses_a_spec_dense_cannot_compute(spec):
+    from flax import nnx
+
+    from jit_tune.models.lora import LoraConfig, project
+
+    class Layer(nnx.Module):
+        def __init__(self):
+            self.up_DxF = nnx.Param(jnp.ones((8, 8)))
+
+    with pytest.raises(ValueError, match=f"project up_DxF: '{spec}' must contract the trailing axes"):
+        project(Layer(), "up_DxF", spec, jnp.ones((2, 8, 8)), LoraConfig())

@@ -115,13 +115,17 @@ def project(module: nnx.Module, weight_name: str, spec: str, x: jax.Array, confi
     inputs, out = spec.split("->")
     lhs, rhs = inputs.split(",")
     contracted = "".join(c for c in rhs if c in lhs)
+    rest = "".join(c for c in lhs if c not in rhs)
+    weight_out = "".join(c for c in rhs if c not in lhs)
+    if (lhs, rhs, out) != (rest + contracted, contracted + weight_out, rest + weight_out):
+        # dense() contracts x's last axes with the weight's first, in order.
+        raise ValueError(f"project {weight_name}: {spec!r} must contract the trailing axes of x with the "
+                         f"leading axes of the weight, in order, and keep the rest in order (like 'bld,dnh->blnh')")
     y = dense(x, base_weight(module, weight_name, x.dtype), len(contracted))
     lora = adapter(module, weight_name)
     if lora is None:
         return y
     a, b = (p[...].astype(x.dtype) for p in lora)
-    rest = "".join(c for c in lhs if c not in rhs)
-    weight_out = "".join(c for c in rhs if c not in lhs)
     if dropout_key is not None and config.dropout > 0:
         # One mask per projection, as PEFT's per-module dropout (q, k and v share x).
         key = jax.random.fold_in(dropout_key, STEMS.index(stem(weight_name)))

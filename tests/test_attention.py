@@ -66,6 +66,24 @@ def test_values_and_gradients_match_the_reference(name, window, softcap):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f"d/d{wrt}")
 
 
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (8, 2.0)])
+def test_tiled_bfloat16_values_and_gradients_are_near_the_float32_reference(window, softcap):
+    # In bfloat16 on CPU xla_tiled's backward materializes transposes by hand (dense.row_major).
+    q, k, v = _qkv()
+    segments = jnp.asarray(SEGMENTS)
+    real = (segments != 0)[..., None, None]
+    cotangent = jax.random.normal(jax.random.key(7), (B, L, N, H)) * real
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, cotangent)]
+    ref, ref_grads = _values_and_grads(attn.xla, *(x.astype(jnp.float32) for x in bf16[:3]), segments, window,
+                                       softcap, bf16[3].astype(jnp.float32))
+    out, grads = _values_and_grads(IMPLEMENTATIONS["xla_tiled"], *bf16[:3], segments, window, softcap, bf16[3])
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    np.testing.assert_allclose(out.astype(jnp.float32) * real, ref * real, atol=0.03)
+    for wrt, got, want in zip("qkv", grads, ref_grads):
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.03 * scale, err_msg=f"d/d{wrt}")
+
+
 def _leaks_across_segments(fn, window: int = 0) -> bool:
     """Whether changing segment 2's keys and values (row 0) changes any other token's output."""
     q, k, v = _qkv(1)

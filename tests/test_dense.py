@@ -1,12 +1,13 @@
 """models/dense.py: the product of activations and weights equals the einsum it replaces,
-values and gradients, in float32 and in bfloat16 (whose CPU backward is written by hand)."""
+values and gradients, in float32 and in bfloat16 (whose CPU backward is written by hand);
+row_major is the transpose it stands for."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jit_tune.models.dense import dense
+from jit_tune.models.dense import dense, row_major
 
 CASES = [  # (einsum, x shape, w shape, n_in): the decoder's projections
     ("bld,df->blf", (2, 6, 8), (8, 12), 1),
@@ -65,3 +66,13 @@ def test_project_refuses_a_spec_dense_cannot_compute(spec):
 
     with pytest.raises(ValueError, match=f"project up_DxF: '{spec}' must contract the trailing axes"):
         project(Layer(), "up_DxF", spec, jnp.ones((2, 8, 8)), LoraConfig())
+
+
+@pytest.mark.parametrize("axes", [(1, 0), (0, 2, 3, 1), (0, 2, 1, 3), (0, 2, 3, 1, 4), (0, 1, 3, 2)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_row_major_is_the_transpose(axes, dtype):
+    # The bfloat16 form reverses an axis before and after: the wrong axis gives a wrong array.
+    shape = (2, 3, 4, 5, 6)[: len(axes)]
+    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    got = jax.jit(row_major, static_argnums=1)(x, axes)
+    np.testing.assert_array_equal(got, x.transpose(axes))

@@ -32,11 +32,13 @@ def _matmul(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
     return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def _row_major_transpose(a_MxN: jax.Array) -> jax.Array:
-    """a.T [N, M], computed (bfloat16) rather than folded into the consuming dot."""
-    if a_MxN.dtype == jnp.float32:  # float32 dots are fast in any layout
-        return a_MxN.T
-    return jnp.flip(jnp.flip(a_MxN, 0).T, 1)
+def row_major(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """x.transpose(axes), computed, on CPU below float32, rather than folded into the dot
+    that takes it (which XLA would then upcast): XLA folds a bare transpose, not one
+    between two reversals of the axis that lands last."""
+    if x.dtype == jnp.float32 or platform() != "cpu":  # float32 dots are fast in any layout
+        return x.transpose(axes)
+    return jnp.flip(jnp.flip(x, axes[-1]).transpose(axes), -1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -51,8 +53,8 @@ def _cpu_matmul_fwd(x_TxI, w_IxO, dtype):
 def _cpu_matmul_bwd(dtype, residuals, g_TxO):
     x_TxI, w_IxO = residuals
     g_TxO = g_TxO.astype(x_TxI.dtype)
-    return (_matmul(g_TxO, _row_major_transpose(w_IxO), x_TxI.dtype),
-            _matmul(_row_major_transpose(x_TxI), g_TxO, w_IxO.dtype))
+    return (_matmul(g_TxO, row_major(w_IxO, (1, 0)), x_TxI.dtype),
+            _matmul(row_major(x_TxI, (1, 0)), g_TxO, w_IxO.dtype))
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)

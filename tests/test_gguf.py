@@ -36,6 +36,7 @@ def _smollm2() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.mark.slow  # a minute of conversion and two 135M forwards: `tools/test.sh -m slow`
 def test_converted_smollm2_matches_transformers_on_the_gguf(tmp_path, capsys):
     path, out = _smollm2(), tmp_path / "smollm2"
     source = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}

@@ -19,10 +19,15 @@ def _model(config=CONFIG):
         return Decoder(config, rngs=nnx.Rngs(0))
 
 
-def _alone(model, tokens):
-    n = len(tokens)
-    logits, _ = model(jnp.asarray([tokens]), jnp.arange(n)[None], jnp.ones((1, n), jnp.int32))
-    return np.asarray(logits[0])
+def _alone(model, tokens, pad_to: int = 0):
+    """The logits of `tokens` as the only example of a row, padded (segment 0) to
+    `pad_to` so that calls of different lengths share one shape (and compilation)."""
+    n = max(len(tokens), pad_to)
+    row = np.zeros(n, np.int32)
+    row[: len(tokens)] = tokens
+    segments = (np.arange(n) < len(tokens)).astype(np.int32)
+    logits, _ = model(jnp.asarray(row[None]), jnp.arange(n)[None], jnp.asarray(segments[None]))
+    return np.asarray(logits[0, : len(tokens)])
 
 
 def test_packed_row_logits_equal_each_example_alone():
@@ -53,7 +58,7 @@ def test_cached_greedy_decoding_matches_full_recompute():
     for prompt, got in zip(prompts, cached):
         sequence = list(prompt)
         for _ in range(steps):
-            sequence.append(int(np.argmax(_alone(model, sequence)[-1])))
+            sequence.append(int(np.argmax(_alone(model, sequence, pad_to=16)[-1])))
         assert got == sequence[len(prompt):]
 
 

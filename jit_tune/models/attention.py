@@ -218,7 +218,8 @@ def _tiled_bwd(bounds, window, softcap, scale, residuals, dout_BxLxNxH):
             jnp.matmul(row_major(p, (0, 1, 3, 2)), do, preferred_element_type=jnp.float32))
     dq_BxKxGxLxH = jnp.concatenate([dq.reshape(b, kv_heads, g, -1, h) for dq in dqs], axis=3)
     dq = (dq_BxKxGxLxH.transpose(0, 3, 1, 2, 4) * scale).reshape(b, l, kv_heads * g, h)
-    dk, dv = (x.transpose(0, 2, 1, 3).astype(k_BxSxKxH.dtype) for x in (dk_BxKxSxH, dv_BxKxSxH))
+    dk = dk_BxKxSxH.transpose(0, 2, 1, 3).astype(k_BxSxKxH.dtype)
+    dv = dv_BxKxSxH.transpose(0, 2, 1, 3).astype(v_BxSxKxH.dtype)
     return dq.astype(dtype), dk, dv, None, None, None, None
 
 

@@ -1,6 +1,8 @@
 """The chunked training loss: the same losses, gradients and per-task sums as full
 logits, for any chunk size (dividing the row length or not), packed rows, a loss mask,
-microbatches and a sharded mesh; and it keeps less memory than full logits."""
+microbatches and a sharded mesh; and it keeps less memory than full logits. The fused
+loss on its own: gradients of any subset of the projection's factors, a scaled
+cotangent, and an error when asked for what it does not differentiate."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,8 @@ import pytest
 from flax import nnx
 
 from jit_tune import mesh as mesh_lib
-from jit_tune.models.decoder import Decoder, DecoderConfig
+from jit_tune.models.decoder import Decoder, DecoderConfig, Unembedding, vocab_logits
+from jit_tune.train.loss import fused_loss
 from jit_tune.train.state import create_model_and_optimizer
 from jit_tune.train.step import summed_loss_and_grads, token_losses
 
@@ -126,3 +129,55 @@ def test_chunks_keep_a_fraction_of_the_memory_of_full_logits():
             compiled = loss_and_grads.lower(model, batch, 1, chunk, 0).compile()
             temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
     assert temp[32] < temp[0] / 3, temp
+
+
+def _fused_inputs(seed=0, b=3, length=37, d=16, v=50, r=4):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32)  # noqa: E731
+    unembed = Unembedding(normal(d, v), normal(d, r), normal(r, v))
+    return (normal(b, length, d) / 0.3, unembed, jnp.asarray(rng.integers(0, v, (b, length))),
+            jnp.asarray(rng.integers(0, 2, (b, length)), jnp.float32))
+
+
+def _autodiff_loss(x, unembed, targets, weights, softcap):
+    logits = vocab_logits(x, unembed, softcap)
+    return (weights * (jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])).sum()
+
+
+@pytest.mark.parametrize("softcap, chunk", [(0.0, 0), (0.0, 8), (5.0, 5), (5.0, 100)])
+def test_fused_loss_gradients_of_the_factors_it_is_asked_for(softcap, chunk):
+    """LoRA trains A and B with W frozen (no gradient of W is formed then); full
+    fine-tuning trains W and the hidden states' path. Each against plain autodiff."""
+    x, unembed, targets, weights = _fused_inputs()
+    for argnums, wrap in (((0, 1), lambda u: u), ((1,), lambda u: u._replace(w_DxV=unembed.w_DxV))):
+        def want(x, u):
+            return _autodiff_loss(x, wrap(u), targets, weights, softcap)
+
+        def got(x, u):
+            return fused_loss(x, wrap(u), targets, weights, softcap, chunk)[0]
+        (want_value, want_grads), (got_value, got_grads) = (
+            jax.value_and_grad(f, argnums=argnums)(x, unembed) for f in (want, got))
+        np.testing.assert_allclose(got_value, want_value, rtol=1e-6)
+        for w, g in zip(jax.tree.leaves(want_grads), jax.tree.leaves(got_grads), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(jnp.abs(w).max()))
+    losses = fused_loss(x, unembed, targets, weights, softcap, chunk)[1]
+    logits = vocab_logits(x, unembed, softcap)
+    np.testing.assert_allclose(losses, jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+        logits, targets[..., None], -1)[..., 0], rtol=1e-5)
+
+
+def test_fused_loss_scales_its_gradient_by_the_cotangent():
+    """The gradient is formed in the forward pass for a cotangent of 1; the backward
+    pass must still scale it (a loss divided by its token count, or summed twice)."""
+    x, unembed, targets, weights = _fused_inputs(seed=1)
+    grads = jax.grad(lambda x, u: -2.5 * fused_loss(x, u, targets, weights, 0.0, 8)[0], argnums=(0, 1))(x, unembed)
+    want = jax.grad(lambda x, u: -2.5 * _autodiff_loss(x, u, targets, weights, 0.0), argnums=(0, 1))(x, unembed)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(jnp.abs(w).max()))
+
+
+def test_fused_loss_refuses_a_gradient_of_its_weights():
+    """The loss mask is data: a gradient of it would silently be zero, so it is an error."""
+    x, unembed, targets, weights = _fused_inputs()
+    with pytest.raises(ValueError, match="weights and targets are data"):
+        jax.grad(lambda w: fused_loss(x, unembed, targets, w, 0.0, 8)[0])(weights)

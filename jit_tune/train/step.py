@@ -1,11 +1,8 @@
 """The train step and the evaluation loss: one jitted function each, at every scale.
 
-The training loss never holds float32 logits for the whole batch ([B, L, V] is 4 GiB per
-row of 8k tokens over a 128k vocabulary): `chunked_token_losses` projects the final
-hidden states to the vocabulary `loss_chunk` positions at a time, in a loop whose body
-is rematerialized, so the backward pass recomputes each chunk's logits instead of
-keeping them (MaxText's vocabulary tiling, Levanter's blockwise cross-entropy). Only
-one chunk's logits, [B, loss_chunk, V], are alive at a time, forward or backward.
+The training loss (train/loss.py) never holds float32 logits for the whole batch: it
+takes the vocabulary `loss_chunk` positions at a time, with each chunk's gradient formed
+in the same pass.
 
 The gradient is taken with respect to what the model trains (`lora.trainable`): every
 parameter, or with LoRA the adapters alone, the frozen base then being a constant.
@@ -20,8 +17,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jit_tune.mesh import BATCH_SPEC
-from jit_tune.models.decoder import Decoder, Unembedding, constrain, vocab_logits
+from jit_tune.models.decoder import Decoder
 from jit_tune.models.lora import dropout_key, trainable
+from jit_tune.train.loss import fused_loss
 
 LOSS_CHUNK = 1024  # config.train.loss_chunk's default
 
@@ -33,32 +31,6 @@ def token_losses(model: Decoder, batch: dict[str, jax.Array]) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
 
 
-def chunked_token_losses(hidden_BxLxD: jax.Array, unembed: Unembedding | jax.Array, targets_BxL: jax.Array,
-                         softcap: float, chunk: int) -> jax.Array:
-    """Cross-entropy of every target token [B, L], computing the logits of `chunk`
-    positions at a time (0, or a chunk >= L: all at once). L need not be a multiple of
-    the chunk: the last chunk is padded, and the padding's losses are dropped."""
-    def losses(x_BxCxD, targets_BxC):
-        return optax.softmax_cross_entropy_with_integer_labels(vocab_logits(x_BxCxD, unembed, softcap),
-                                                               targets_BxC)
-
-    b, length, d = hidden_BxLxD.shape
-    if not chunk or chunk >= length:
-        return losses(hidden_BxLxD, targets_BxL)
-    n = -(-length // chunk)
-    pad = n * chunk - length
-    # [n, B, C, ...]: each step of the loop takes a chunk of every row, so rows keep
-    # their sharding over the batch axes.
-    x_NxBxCxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-    x_NxBxCxD = constrain(x_NxBxCxD, None, "batch", "length", "activation_embed")
-    t_NxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-    # checkpoint: the backward pass keeps only each chunk's inputs and recomputes its
-    # logits (prevent_cse is not needed inside a loop and would only slow it).
-    body = jax.checkpoint(lambda xs: losses(*xs), prevent_cse=False)
-    losses_NxBxC = jax.lax.map(body, (x_NxBxCxD, t_NxBxC))
-    return losses_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
-
-
 def _summed_loss(params: nnx.State, graphdef, rest: nnx.State, batch: dict[str, jax.Array], loss_chunk: int,
                  num_tasks: int, key: jax.Array | None = None):
     """Sum of trained-token losses of one (micro)batch, and (not differentiated) its
@@ -66,16 +38,15 @@ def _summed_loss(params: nnx.State, graphdef, rest: nnx.State, batch: dict[str, 
     `key`: LoRA dropout's."""
     model = nnx.merge(graphdef, params, rest)
     hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], hidden_only=True, dropout_key=key)
-    losses = chunked_token_losses(hidden, model.unembedding(), batch["targets"], model.config.final_softcap,
-                                  loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
-    masked = losses * mask
+    loss_sum, losses = fused_loss(hidden, model.unembedding(), batch["targets"], mask, model.config.final_softcap,
+                                  loss_chunk)
     sums = {"trained_tokens": mask.sum()}
     if num_tasks:  # task_ids: 1 + the task's index in the mixture; 0 for padding, dropped
         def per_task(x):
             return jax.ops.segment_sum(x.ravel(), batch["task_ids"].ravel(), num_tasks + 1)[1:]
-        sums.update(task_loss_sums=per_task(masked), task_tokens=per_task(mask))
-    return masked.sum(), sums
+        sums.update(task_loss_sums=per_task(losses * mask), task_tokens=per_task(mask))
+    return loss_sum, sums
 
 
 def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:

@@ -66,9 +66,10 @@ def _losses_and_grads(hidden_BxLxD, unembed, targets_BxL, weights_BxL, softcap, 
         u = jax.tree.unflatten(treedef, [next(it) if w else leaf for w, leaf in zip(leaf_wrt, leaves)])
         return vocab_logits(x_BxCxD, u, softcap)
 
+    varied = [leaf for w, leaf in zip(leaf_wrt, leaves) if w]
+
     def body(unembed_grads, xs):
         x_BxCxD, targets_BxC, weights_BxC = xs
-        varied = [leaf for w, leaf in zip(leaf_wrt, leaves) if w]
         if x_wrt:
             logits_BxCxV, pullback = jax.vjp(chunk_logits, x_BxCxD, *varied)
         else:
@@ -84,7 +85,7 @@ def _losses_and_grads(hidden_BxLxD, unembed, targets_BxL, weights_BxL, softcap, 
         x_grad = grads.pop(0) if x_wrt else None
         return [acc + g.astype(jnp.float32) for acc, g in zip(unembed_grads, grads)], (losses_BxC, x_grad)
 
-    zeros = [jnp.zeros(leaf.shape, jnp.float32) for w, leaf in zip(leaf_wrt, leaves) if w]
+    zeros = [jnp.zeros(leaf.shape, jnp.float32) for leaf in varied]
     unembed_grads, (losses_NxBxC, x_grads) = jax.lax.scan(
         body, zeros, (_chunked(hidden_BxLxD, chunk), _chunked(targets_BxL, chunk), _chunked(weights_BxL, chunk)))
     losses_BxL = _unchunked(losses_NxBxC, length)

@@ -121,6 +121,20 @@ def _tensorboard_steps(directory: Path) -> dict[str, list[int]]:
     return steps
 
 
+def test_a_resume_from_step_0_purges_the_killed_runs_tensorboard_events(tmp_path):
+    """A run killed before its first checkpoint was finalized resumes from step 0: the
+    events it logged must go, like its metrics.jsonl lines (CI once saw them twice)."""
+    from jit_tune.train.trackers import TensorBoardTracker
+
+    for start_step, steps in ((0, range(1, 9)), (0, range(1, 4)), (2, range(3, 6))):
+        tracker = TensorBoardTracker(tmp_path, start_step, {"step": 2, "loss": 2.0} if start_step else None)
+        for step in steps:
+            tracker.log(step, {"loss": float(step)})
+        tracker.close()
+        time.sleep(1.01)  # event file names hold the second they were opened
+    assert _tensorboard_steps(tmp_path / "tensorboard") == {"loss": [1, 2, 3, 4, 5]}
+
+
 def test_after_a_kill_and_a_resume_logs_hold_each_step_once(tmp_path):
     workdir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}

@@ -78,11 +78,13 @@ class JsonlTracker:
 
 
 class TensorBoardTracker:
-    """The numbers in workdir/tensorboard. A resumed run purges the events of earlier
-    runs from `start_step` on, and writes the kept line of start_step again."""
+    """The numbers in workdir/tensorboard. Every run purges the events of earlier runs
+    from `start_step` on (step 0 too: a run killed before its first checkpoint was
+    final leaves events that its restart logs again), and writes the kept line of
+    start_step again."""
 
     def __init__(self, workdir: Path, start_step: int = 0, start_line: dict | None = None):
-        self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step or None)
+        self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step)
         if start_line:
             self.log(start_step, {k: v for k, v in start_line.items() if k != "step"})
 

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from jit_tune.models import attention as attn
+from jit_tune.models import dense as dense_module
 from jit_tune.models.decoder import Decoder, DecoderConfig
 
 B, L, N, K, H = 2, 40, 4, 2, 16  # GQA: two query heads per kv head
@@ -66,9 +67,13 @@ def test_values_and_gradients_match_the_reference(name, window, softcap):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f"d/d{wrt}")
 
 
+@pytest.mark.parametrize("bf16_dots", [True, False], ids=["bf16-dots", "no-bf16-dots"])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (8, 2.0)])
-def test_tiled_bfloat16_values_and_gradients_are_near_the_float32_reference(window, softcap):
-    # In bfloat16 on CPU xla_tiled's backward materializes transposes by hand (dense.row_major).
+def test_tiled_bfloat16_values_and_gradients_are_near_the_float32_reference(window, softcap, bf16_dots,
+                                                                            monkeypatch):
+    # In bfloat16 on a CPU with bfloat16 dots xla_tiled's backward materializes transposes
+    # by hand (dense.row_major); on one without, it takes plain transposes. Both, anywhere.
+    monkeypatch.setattr(dense_module, "host_bf16_dots", lambda: bf16_dots)
     q, k, v = _qkv()
     segments = jnp.asarray(SEGMENTS)
     real = (segments != 0)[..., None, None]
@@ -78,6 +83,10 @@ def test_tiled_bfloat16_values_and_gradients_are_near_the_float32_reference(wind
                                        softcap, bf16[3].astype(jnp.float32))
     out, grads = _values_and_grads(IMPLEMENTATIONS["xla_tiled"], *bf16[:3], segments, window, softcap, bf16[3])
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    tiled = partial(IMPLEMENTATIONS["xla_tiled"], q_segment_BxL=segments, kv_segment_BxS=segments, q_slot_L=SLOTS,
+                    kv_slot_S=SLOTS, window=window, softcap=softcap, scale=H**-0.5)
+    jaxpr = jax.make_jaxpr(lambda *qkv: jax.vjp(tiled, *qkv)[1](bf16[3]))(*bf16[:3])
+    assert (" rev[" in str(jaxpr)) == bf16_dots  # the row-major copies, where the case says
     np.testing.assert_allclose(out.astype(jnp.float32) * real, ref * real, atol=0.03)
     for wrt, got, want in zip("qkv", grads, ref_grads):
         scale = float(jnp.abs(want).max())

@@ -1,19 +1,29 @@
 """models/dense.py: the product of activations and weights equals the einsum it replaces,
-values and gradients, in float32 and in bfloat16 (whose CPU backward is written by hand);
-row_major is the transpose it stands for."""
+values and gradients, in float32 and in bfloat16, by either CPU path (the hand-written
+backward of CPUs with bfloat16 dots, and JAX's own elsewhere), whatever CPU runs the
+tests; row_major is the transpose it stands for; the CPU's bfloat16 dots are read from
+its cpuinfo."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jit_tune.models.dense import dense, row_major
+from jit_tune.models import dense as dense_module
+from jit_tune.models.dense import dense, host_bf16_dots, row_major
 
 CASES = [  # (einsum, x shape, w shape, n_in): the decoder's projections
     ("bld,df->blf", (2, 6, 8), (8, 12), 1),
     ("bld,dnh->blnh", (2, 6, 8), (8, 3, 4), 1),
     ("blnh,nhd->bld", (2, 6, 3, 4), (3, 4, 8), 2),
 ]
+
+
+@pytest.fixture(params=[True, False], ids=["bf16-dots", "no-bf16-dots"])
+def cpu_path(request, monkeypatch):
+    """Both CPU paths, as a CPU with bfloat16 dots and one without would take them."""
+    monkeypatch.setattr(dense_module, "host_bf16_dots", lambda: request.param)
+    return request.param
 
 
 def _inputs(x_shape, w_shape):
@@ -23,7 +33,7 @@ def _inputs(x_shape, w_shape):
 
 @pytest.mark.parametrize("spec,x_shape,w_shape,n_in", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
-def test_values_and_gradients_equal_the_einsum(spec, x_shape, w_shape, n_in, dtype, tol):
+def test_values_and_gradients_equal_the_einsum(spec, x_shape, w_shape, n_in, dtype, tol, cpu_path):
     x, w, key = _inputs(x_shape, w_shape)
     cotangent = jax.random.normal(key, jax.eval_shape(lambda: jnp.einsum(spec, x, w)).shape)
 
@@ -34,6 +44,8 @@ def test_values_and_gradients_equal_the_einsum(spec, x_shape, w_shape, n_in, dty
         return jnp.einsum(spec, x.astype(dtype).astype(jnp.float32), w.astype(dtype).astype(jnp.float32))
 
     got, got_vjp = jax.jit(lambda x, w: jax.vjp(ours, x, w))(x, w)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(ours, x, w)[1](cotangent))(x, w))
+    assert (" rev[" in jaxpr) == (cpu_path and dtype == jnp.bfloat16)  # its row-major copies: the path named
     want, want_vjp = jax.vjp(reference, x, w)
     assert got.shape == want.shape
     scale = float(jnp.abs(want).max())
@@ -70,9 +82,24 @@ def test_project_refuses_a_spec_dense_cannot_compute(spec):
 
 @pytest.mark.parametrize("axes", [(1, 0), (0, 2, 3, 1), (0, 2, 1, 3), (0, 2, 3, 1, 4), (0, 1, 3, 2)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_row_major_is_the_transpose(axes, dtype):
+def test_row_major_is_the_transpose(axes, dtype, cpu_path):
     # The bfloat16 form reverses an axis before and after: the wrong axis gives a wrong array.
     shape = (2, 3, 4, 5, 6)[: len(axes)]
     x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
-    got = jax.jit(row_major, static_argnums=1)(x, axes)
+    got = jax.jit(lambda x: row_major(x, axes))(x)
     np.testing.assert_array_equal(got, x.transpose(axes))
+
+
+@pytest.mark.parametrize("lines,expected", [
+    (["processor\t: 0", "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile", "processor\t: 1", "flags\t\t: fpu"], True),
+    (["flags\t\t: fpu sse4_2 avx2 fma"], False),  # Zen 3: AVX2 only
+    (["flags\t\t: avx512f avx512bw avx512_vnni"], False),  # AVX-512 without its BF16 extension
+    (["Features\t: fp asimd sve i8mm bf16"], True),  # an Arm core (Graviton 3)
+    (["Features\t: fp asimd"], False),
+    ([], False),
+], ids=["x86-bf16", "avx2", "avx512-no-bf16", "arm-bf16", "arm-no-bf16", "empty"])
+def test_host_bf16_dots_reads_the_cpu_flags(tmp_path, lines, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("\n".join(lines) + "\n")
+    assert host_bf16_dots(cpuinfo) is expected
+    assert host_bf16_dots(tmp_path / "missing") is False  # no cpuinfo (macOS, Windows): the plain path

@@ -86,3 +86,40 @@ def test_a_run_logs_speed_and_each_tasks_loss(tmp_path):
         assert all(np.isfinite(losses)) and all((losses > 0) == (tokens > 0))
         # Each task's mean loss, weighted by its tokens, is the step's loss.
         assert (losses * tokens).sum() / tokens.sum() == pytest.approx(line["loss"], rel=1e-5)
+
+
+def test_the_step_benchmark_reports_mfu_inputs_and_a_profile_of_one_step(tmp_path):
+    """tools/bench_train_step.py, as the GPU measurement runs it, on the smoke model:
+    its figures, and with --profile a trace of one more step and its top ops."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "tools/bench_train_step.py", "--config", "configs/tiny.py:smoke",
+                          "--steps", "2", "--profile", str(tmp_path / "trace")], cwd=repo,
+                         env={**env, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tokens/s" in out.stdout and "TFLOP/s per device" in out.stdout
+    assert list((tmp_path / "trace").rglob("*.trace.json.gz")) and list((tmp_path / "trace").rglob("*.xplane.pb"))
+    ops = out.stdout.split("host ops, ")[1].splitlines()[1:]  # "  12.34 ms  5.6%  fusion.3"
+    assert len(ops) >= 5 and all(line.split()[1] == "ms" and "::" not in line for line in ops)
+    shares = [float(line.split()[2].rstrip("%")) for line in ops]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+
+
+def test_the_gpu_benchmark_config_is_llama_3_2_1b_shaped():
+    from jit_tune.config import load_config
+    from jit_tune.flops import training_flops_per_token
+    from jit_tune.train.state import decoder_config
+
+    config = load_config("configs/llama3_1b.py")
+    model = decoder_config(config)
+    n = (model.vocab_size * model.d_model  # tied embeddings
+         + model.n_layers * (model.d_model * model.head_dim * (model.n_heads * 2 + model.n_kv_heads * 2)
+                             + 3 * model.d_model * model.mlp_dim + 2 * model.d_model) + model.d_model)
+    assert round(n / 1e6) == 1236  # Llama-3.2-1B: 1.24B parameters
+    assert (config.data.seq_len, config.model.dtype) == (4096, "bfloat16")
+    assert training_flops_per_token(model, 4096) > 6 * n  # attention counted on top

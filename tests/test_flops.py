@@ -3,6 +3,10 @@ loop logs throughput, TFLOP/s per device and per-task losses."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,8 @@ from jit_tune.train.metrics import Throughput
 from jit_tune.train.step import summed_loss_and_grads
 
 from tests.test_loss import one_device, packed_batch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Matmul-heavy: norms, softmax and the rest are a few percent of the FLOPs.
 BIG_MATMULS = DecoderConfig(vocab_size=2048, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
@@ -91,15 +97,10 @@ def test_a_run_logs_speed_and_each_tasks_loss(tmp_path):
 def test_the_step_benchmark_reports_mfu_inputs_and_a_profile_of_one_step(tmp_path):
     """tools/bench_train_step.py, as the GPU measurement runs it, on the smoke model:
     its figures, and with --profile a trace of one more step and its top ops."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "tools/bench_train_step.py", "--config", "configs/tiny.py:smoke",
-                          "--steps", "2", "--profile", str(tmp_path / "trace")], cwd=repo,
-                         env={**env, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu"},
+                          "--steps", "2", "--profile", str(tmp_path / "trace")], cwd=REPO,
+                         env={**env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tokens/s" in out.stdout and "TFLOP/s per device" in out.stdout

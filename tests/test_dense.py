@@ -1,7 +1,7 @@
 """models/dense.py: the product of activations and weights equals the einsum it replaces,
-values and gradients, in float32 and in bfloat16, by either CPU path (the hand-written
-backward of CPUs with bfloat16 dots, and JAX's own elsewhere), whatever CPU runs the
-tests; row_major is the transpose it stands for; the CPU's bfloat16 dots are read from
+values and gradients, in float32 and in bfloat16, by every CPU path (float32's weight
+gradient from a transposed copy; in bfloat16, the hand-written backward of CPUs with
+bfloat16 dots, and JAX's own elsewhere), whatever CPU runs the tests; row_major is the transpose it stands for; the CPU's bfloat16 dots are read from
 its cpuinfo."""
 
 import jax
@@ -46,6 +46,7 @@ def test_values_and_gradients_equal_the_einsum(spec, x_shape, w_shape, n_in, dty
     got, got_vjp = jax.jit(lambda x, w: jax.vjp(ours, x, w))(x, w)
     jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(ours, x, w)[1](cotangent))(x, w))
     assert (" rev[" in jaxpr) == (cpu_path and dtype == jnp.bfloat16)  # its row-major copies: the path named
+    assert ("optimization_barrier" in jaxpr) == (dtype == jnp.float32)  # float32's weight gradient: x^T copied
     want, want_vjp = jax.vjp(reference, x, w)
     assert got.shape == want.shape
     scale = float(jnp.abs(want).max())

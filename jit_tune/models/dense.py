@@ -16,9 +16,14 @@ are materialized row-major: a plain transpose XLA folds into the dot (and upcast
 it is written as reverse-transpose-reverse, which it computes. A CPU without them
 (AVX2 only) upcasts every bfloat16 dot, so there the copies only cost time (the
 benchmark model's bf16 step, 5.4-5.6 s hand-written against 4.4-4.6 s plain, on a
-Zen 3 EPYC), and float32 dots are fast in any layout. Those, TPU and GPU use the plain
-product and JAX's own gradient: accelerators' matmul units take any layout and
-accumulate in float32 anyway.
+Zen 3 EPYC), so there bfloat16 keeps the plain product.
+
+Float32 on any CPU takes the same custom VJP for one reason: the weight gradient
+contracts the tokens, the leading axis of both of its operands, a dot XLA gives to Eigen
+rather than YNNPACK, at half the rate for the unembedding's. A transposed copy of the
+activations makes it row-major (the benchmark model's float32 step 2-4% faster). TPU and
+GPU use the plain product and JAX's own gradient: accelerators' matmul units take any
+layout and accumulate in float32 anyway.
 """
 
 from __future__ import annotations
@@ -56,6 +61,13 @@ def hand_written(dtype) -> bool:
     return jnp.dtype(dtype) != jnp.float32 and platform() == "cpu" and host_bf16_dots()
 
 
+def custom_backward(dtype) -> bool:
+    """Whether products in `dtype` take `_cpu_matmul`'s backward: on a CPU, float32 (its
+    weight gradient from a transposed copy) or `hand_written`. A bfloat16 product on a CPU
+    without bfloat16 dots keeps JAX's (the copy made the benchmark model's step 3% slower)."""
+    return platform() == "cpu" and (jnp.dtype(dtype) == jnp.float32 or hand_written(dtype))
+
+
 def row_major(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """x.transpose(axes), computed where `hand_written`, rather than folded into the dot
     that takes it (which XLA would then upcast): XLA folds a bare transpose, not one
@@ -76,9 +88,17 @@ def _cpu_matmul_fwd(x_TxI, w_IxO, dtype):
 
 def _cpu_matmul_bwd(dtype, residuals, g_TxO):
     x_TxI, w_IxO = residuals
-    g_TxO = g_TxO.astype(x_TxI.dtype)
-    return (_matmul(g_TxO, row_major(w_IxO, (1, 0)), x_TxI.dtype),
-            _matmul(row_major(x_TxI, (1, 0)), g_TxO, w_IxO.dtype))
+    if hand_written(x_TxI.dtype):
+        g_TxO = g_TxO.astype(x_TxI.dtype)
+        return (_matmul(g_TxO, row_major(w_IxO, (1, 0)), x_TxI.dtype),
+                _matmul(row_major(x_TxI, (1, 0)), g_TxO, w_IxO.dtype))
+    # Float32: only the weight gradient's x^T is copied row-major, making [I, T] x [T, O]
+    # a YNNPACK matmul (the unembedding's [4096, 384] x [4096, 8192]: 85 -> 170 GFLOP/s
+    # alone on a Zen 3 core pair). The barrier keeps XLA from folding the transpose back
+    # into the dot; row_major's reversals would do too, but their copy runs slower in
+    # float32. The input gradient, g W^T, is a YNNPACK matmul as it is.
+    return (_matmul(g_TxO, w_IxO.T, x_TxI.dtype),
+            _matmul(jax.lax.optimization_barrier(x_TxI.T), g_TxO, w_IxO.dtype))
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
@@ -92,7 +112,7 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, dtype=None) -> jax.Array:
     k = math.prod(ins)
     x_TxI, w_IxO = x.reshape(-1, k), w.astype(x.dtype).reshape(k, math.prod(outs))
     dtype = jnp.dtype(dtype or x.dtype)
-    if hand_written(x.dtype):
+    if custom_backward(x.dtype):
         y = _cpu_matmul(x_TxI, w_IxO, dtype)
     else:
         y = jnp.matmul(x_TxI, w_IxO, preferred_element_type=dtype)

@@ -1,8 +1,8 @@
 """models/dense.py: the product of activations and weights equals the einsum it replaces,
 values and gradients, in float32 and in bfloat16, by every CPU path (float32's weight
 gradient from a transposed copy; in bfloat16, the hand-written backward of CPUs with
-bfloat16 dots, and JAX's own elsewhere), whatever CPU runs the tests; row_major is the transpose it stands for; the CPU's bfloat16 dots are read from
-its cpuinfo."""
+bfloat16 dots, and JAX's own elsewhere), whatever CPU runs the tests; row_major is the
+transpose it stands for; the CPU's bfloat16 dots are read from its cpuinfo."""
 
 import jax
 import jax.numpy as jnp

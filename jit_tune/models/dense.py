@@ -16,14 +16,15 @@ are materialized row-major: a plain transpose XLA folds into the dot (and upcast
 it is written as reverse-transpose-reverse, which it computes. A CPU without them
 (AVX2 only) upcasts every bfloat16 dot, so there the copies only cost time (the
 benchmark model's bf16 step, 5.4-5.6 s hand-written against 4.4-4.6 s plain, on a
-Zen 3 EPYC), so there bfloat16 keeps the plain product.
+Zen 3 EPYC): there bfloat16 keeps the plain product.
 
 Float32 on any CPU takes the same custom VJP for one reason: the weight gradient
 contracts the tokens, the leading axis of both of its operands, a dot XLA gives to Eigen
-rather than YNNPACK, at half the rate for the unembedding's. A transposed copy of the
-activations makes it row-major (the benchmark model's float32 step 2-4% faster). TPU and
-GPU use the plain product and JAX's own gradient: accelerators' matmul units take any
-layout and accumulate in float32 anyway.
+rather than YNNPACK, at half the rate for the unembedding's (85 against 170 GFLOP/s on
+a Zen 3 core pair). A transposed copy of the activations makes it a row-major matmul
+YNNPACK takes (the benchmark model's float32 step 2-4% faster); g W^T already is one.
+TPU and GPU use the plain product and JAX's own gradient: accelerators' matmul units
+take any layout and accumulate in float32 anyway.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def hand_written(dtype) -> bool:
 
 
 def custom_backward(dtype) -> bool:
-    """Whether products in `dtype` take `_cpu_matmul`'s backward: on a CPU, float32 (its
-    weight gradient from a transposed copy) or `hand_written`. A bfloat16 product on a CPU
-    without bfloat16 dots keeps JAX's (the copy made the benchmark model's step 3% slower)."""
+    """Whether products in `dtype` take `_cpu_matmul`'s backward: on a CPU, float32 or
+    `hand_written`. bfloat16 without bfloat16 dots keeps JAX's (with float32's copy the
+    benchmark model's step was 3% slower)."""
     return platform() == "cpu" and (jnp.dtype(dtype) == jnp.float32 or hand_written(dtype))
 
 
@@ -92,11 +93,9 @@ def _cpu_matmul_bwd(dtype, residuals, g_TxO):
         g_TxO = g_TxO.astype(x_TxI.dtype)
         return (_matmul(g_TxO, row_major(w_IxO, (1, 0)), x_TxI.dtype),
                 _matmul(row_major(x_TxI, (1, 0)), g_TxO, w_IxO.dtype))
-    # Float32: only the weight gradient's x^T is copied row-major, making [I, T] x [T, O]
-    # a YNNPACK matmul (the unembedding's [4096, 384] x [4096, 8192]: 85 -> 170 GFLOP/s
-    # alone on a Zen 3 core pair). The barrier keeps XLA from folding the transpose back
-    # into the dot; row_major's reversals would do too, but their copy runs slower in
-    # float32. The input gradient, g W^T, is a YNNPACK matmul as it is.
+    # Float32 (module docstring): only x^T is copied. The barrier keeps XLA from folding
+    # the transpose back into the dot; row_major's reversals would too, but their copy
+    # runs slower in float32.
     return (_matmul(g_TxO, w_IxO.T, x_TxI.dtype),
             _matmul(jax.lax.optimization_barrier(x_TxI.T), g_TxO, w_IxO.dtype))
 

@@ -94,21 +94,68 @@ def test_a_run_logs_speed_and_each_tasks_loss(tmp_path):
         assert (losses * tokens).sum() / tokens.sum() == pytest.approx(line["loss"], rel=1e-5)
 
 
-def test_the_step_benchmark_reports_mfu_inputs_and_a_profile_of_one_step(tmp_path):
-    """tools/bench_train_step.py, as the GPU measurement runs it, on the smoke model:
-    its figures, and with --profile a trace of one more step and its top ops."""
+def _bench_train_step(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "tools/bench_train_step.py", "--config", "configs/tiny.py:smoke",
-                          "--steps", "2", "--profile", str(tmp_path / "trace")], cwd=REPO,
-                         env={**env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "tokens/s" in out.stdout and "TFLOP/s per device" in out.stdout
-    assert list((tmp_path / "trace").rglob("*.trace.json.gz")) and list((tmp_path / "trace").rglob("*.xplane.pb"))
-    ops = out.stdout.split("host ops, ")[1].splitlines()[1:]  # "  12.34 ms  5.6%  fusion.3"
-    assert len(ops) >= 5 and all(line.split()[1] == "ms" and "::" not in line for line in ops)
-    shares = [float(line.split()[2].rstrip("%")) for line in ops]
-    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+    return subprocess.run([sys.executable, "tools/bench_train_step.py", "--config", "configs/tiny.py:smoke", *args],
+                          cwd=REPO, env={**env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_an_attention_that_runs_out_of_memory_is_reported_and_fails_the_benchmark(tmp_path):
+    """The reference attention's [B, K, G, L, S] scores at 65,536 tokens (hundreds of GB):
+    a real allocation failure, reported by name in the output and the JSON, exit code 1."""
+    out = _bench_train_step("--steps", "1", "--attention", "xla", "--config.data.seq_len=65536",
+                            "--config.data.batch_size=1", "--config.data.packing_bins=1",
+                            "--json", str(tmp_path / "bench.json"))
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "== attention: xla\nout of device memory: RESOURCE_EXHAUSTED" in out.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["results"] == [{"attention": "xla", "error": "out of device memory"}]
+
+
+def test_the_step_benchmark_refuses_an_unknown_attention_before_reading_data(tmp_path):
+    out = _bench_train_step("--attention", "xla_tiled,flash")
+    assert out.returncode != 0 and "model.attention" in out.stderr and "flash" in out.stderr
+    assert "pipeline" not in out.stdout
+
+
+def test_the_gpu_measurement_runs_the_parity_tests_then_each_attention_with_a_profile(tmp_path):
+    """tools/bench_gpu.sh as on a GPU machine, on CPU with the smoke model: the parity
+    tests it selects, then tools/bench_train_step.py on each implementation (the same
+    batches), with a trace of one more step of each and its top ops. Logs, figures and
+    traces land in $OUT; the table of implementations ends the output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    env.update(OUT=str(tmp_path), CONFIG="configs/tiny.py:smoke", ATTENTION="xla_tiled,xla_chunked",
+               TESTS="catches_a_leak", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+    out = subprocess.run(["bash", "tools/bench_gpu.sh", "--steps", "2"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 passed" in (tmp_path / "attention_tests.log").read_text()
+    assert f"jax {jax_version()}" in (tmp_path / "machine.txt").read_text()
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["attention"] for r in report["results"]] == ["xla_tiled", "xla_chunked"]
+    for r in report["results"]:
+        assert r["step_s"] > 0 and r["tokens_per_sec"] == pytest.approx(report["real_tokens_per_step"] / r["step_s"])
+        assert "mfu" not in r  # no peak for a CPU
+    rows = out.stdout.split("attention ")[-1].splitlines()
+    assert [row.split()[0] for row in rows[1:3]] == ["xla_tiled", "xla_chunked"]
+    assert [float(row.split()[2].replace(",", "")) for row in rows[1:3]] == pytest.approx(
+        [r["tokens_per_sec"] for r in report["results"]], abs=1)
+    assert rows[3].startswith("tests exit 0, benchmark exit 0")
+    log = (tmp_path / "bench.log").read_text()
+    for name in ("xla_tiled", "xla_chunked"):
+        trace = tmp_path / "trace" / name
+        assert list(trace.rglob("*.trace.json.gz")) and list(trace.rglob("*.xplane.pb"))
+        ops = log.split(f"profile: {trace} (host ops, ")[1].split("\n\n")[0].splitlines()[1:]
+        assert len(ops) >= 5 and all(line.split()[1] == "ms" and "::" not in line for line in ops)
+        shares = [float(line.split()[2].rstrip("%")) for line in ops]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+
+
+def jax_version() -> str:
+    import jax
+
+    return jax.__version__
 
 
 def test_the_gpu_benchmark_config_is_llama_3_2_1b_shaped():

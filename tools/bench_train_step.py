@@ -1,13 +1,18 @@
 """Throughput of the jitted train step and of the data pipeline, for a config.
 
     .venv/bin/python tools/bench_train_step.py --config configs/tiny.py [--steps 20] [--config.x=y ...]
+        [--attention xla_tiled,xla_chunked] [--profile DIR] [--json FILE]
 
 Prints compile time, steady-state step time, tokens/s (non-padding tokens), TFLOP/s per
 device and MFU (model FLOPs of every token slot, jit_tune/flops.py; MFU on accelerators
 with a known peak), and the pipeline's own tokens/s, measured in the same process on the
-same batches. With `--profile DIR`, one more step runs under the JAX profiler: its trace
-goes to DIR (open it in Perfetto or XProf) and the ops that took the most time are
-printed, summed by name (on an accelerator, its kernels).
+same batches. `--attention` measures several implementations one after another on the
+same batches (one model at a time) and ends with a table of them; one that runs out of
+device memory is reported as such and the others still run (the exit code is then 1).
+With `--profile DIR`, one more step of each runs under the JAX profiler: its trace goes
+to DIR/<implementation> (open it in Perfetto or XProf) and the ops that took the most
+time are printed, summed by name (on an accelerator, its kernels). `--json FILE` writes
+the figures.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
 import gzip
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +36,7 @@ from jit_tune.data.registry import build_registry
 from jit_tune.data.tokenizer import train_builtin_tokenizer
 from jit_tune.distributed import choose_platform
 from jit_tune.flops import peak_flops_per_device, training_flops_per_token
+from jit_tune.models.attention import resolve
 from jit_tune.train.state import create_model_and_optimizer, decoder_config
 from jit_tune.train.step import train_step
 
@@ -38,47 +46,100 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.py")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--attention", help="comma-separated model.attention values to measure in turn")
     parser.add_argument("--profile", metavar="DIR", help="trace one more step into DIR and print its top ops")
+    parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     args, overrides = parser.parse_known_args()
-    config = load_config(args.config, overrides)
+    names = args.attention.split(",") if args.attention else [None]
+    # Every config is loaded (and validated) before any data is read.
+    configs = [load_config(args.config, overrides + ([f"--config.model.attention={n}"] if n else [])) for n in names]
+    config = configs[0]
     tokenizer = train_builtin_tokenizer(config.data.tokenizer_vocab_size, config.data.builtin_seed)
     batches = iter(train_dataset(config, tokenizer, build_registry(config)))
 
     start = time.perf_counter()
     local = [next(batches) for _ in range(args.steps + 1 + bool(args.profile))]
     pipeline_s = time.perf_counter() - start
-    tokens = [int((b["segment_ids"] > 0).sum()) for b in local[:args.steps + 1]]
+    real = [int((b["segment_ids"] > 0).sum()) for b in local]
+    tokens = sum(real[1:args.steps + 1]) / args.steps  # of a timed step
 
+    d = config.data
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; jax {jax.__version__}")
+    print(f"batch: {d.batch_size} x {d.seq_len}, real tokens/step: {tokens:,.0f}")
+    # Start-up included: the packer fills data.packing_bins rows before the first leaves
+    # (tools/bench_pipeline.py measures the steady state).
+    print(f"pipeline (read, render, tokenize, pack, batch; with start-up): {sum(real) / pipeline_s:,.0f} tokens/s")
+    results = []
+    for config in configs:
+        name = config.model.attention
+        label = name if name != "auto" else f"auto ({resolve(name, config.model)})"
+        profile = Path(args.profile) / name if args.profile and len(configs) > 1 else args.profile
+        print(f"\n== attention: {label}", flush=True)
+        try:
+            result = measure(config, local, args.steps, profile)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"out of device memory: {str(e).splitlines()[0][:300]}")
+            result = {"error": "out of device memory"}
+        finally:
+            gc.collect()  # the last model's buffers, before the next one's
+        result = {"attention": label, **result}
+        if "step_s" in result:
+            result["tokens_per_sec"] = tokens / result["step_s"]
+            print(f"params: {result['params'] / 1e6:.2f}M")
+            print(f"compile + first step: {result['compile_s']:.1f} s")
+            print(f"train step: {result['step_s'] * 1e3:.0f} ms, {result['tokens_per_sec']:,.0f} tokens/s")
+            print(f"model FLOPs: {result['tflops_per_device']:.2f} TFLOP/s per device"
+                  + (f", MFU {result['mfu']:.1%}" if "mfu" in result else ""))
+            if profile:
+                print_top_ops(Path(profile))
+        results.append(result)
+    if len(results) > 1:
+        print(f"\n{'attention':24s} {'step ms':>9s} {'tokens/s':>11s} {'TFLOP/s':>8s} {'MFU':>6s}")
+        for r in results:
+            if "step_s" not in r:
+                print(f"{r['attention']:24s} {r['error']}")
+                continue
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+            print(f"{r['attention']:24s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_sec']:11,.0f} "
+                  f"{r['tflops_per_device']:8.2f} {mfu:>6s}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config, "overrides": overrides,
+                                               "device": jax.devices()[0].device_kind,
+                                               "devices": jax.device_count(), "jax": jax.__version__,
+                                               "batch": [d.batch_size, d.seq_len], "real_tokens_per_step": tokens,
+                                               "results": results}, indent=1))
+    sys.exit(1 if any("error" in r for r in results) else 0)
+
+
+def measure(config, local: list[dict], steps: int, profile: str | None) -> dict:
+    """Compile time, steady-state step time, TFLOP/s per device and MFU (where the peak is
+    known) of one model with `config` on the batches `local` (the first compiles)."""
     mesh = mesh_lib.make_mesh(config)
     model, optimizer = create_model_and_optimizer(config, mesh)
-    n_params = sum(x.size for x in jax.tree.leaves(model))
+    result = {"params": sum(x.size for x in jax.tree.leaves(model))}
     with mesh_lib.use_mesh(config, mesh):
         start = time.perf_counter()
         step = functools.partial(train_step, microbatches=config.train.microbatches,
                                  loss_chunk=config.train.loss_chunk)
         jax.block_until_ready(step(model, optimizer, mesh_lib.global_batch(local[0], mesh)))
-        compile_s = time.perf_counter() - start
+        result["compile_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        for batch in local[1:args.steps + 1]:
+        for batch in local[1:steps + 1]:
             metrics = step(model, optimizer, mesh_lib.global_batch(batch, mesh))
         jax.block_until_ready(metrics)
-        step_s = (time.perf_counter() - start) / args.steps
-        if args.profile:
-            with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+        result["step_s"] = (time.perf_counter() - start) / steps
+        if profile:
+            with jax.profiler.trace(profile, create_perfetto_trace=True):
                 jax.block_until_ready(step(model, optimizer, mesh_lib.global_batch(local[-1], mesh)))
-
     d = config.data
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; params: {n_params / 1e6:.2f}M")
-    print(f"batch: {d.batch_size} x {d.seq_len}, real tokens/step: {sum(tokens[1:]) / args.steps:,.0f}")
-    print(f"compile + first step: {compile_s:.1f} s")
-    print(f"train step: {step_s * 1e3:.0f} ms, {sum(tokens[1:]) / args.steps / step_s:,.0f} tokens/s")
-    flops = training_flops_per_token(decoder_config(config), d.seq_len) * d.batch_size * d.seq_len / step_s
-    flops /= jax.device_count()
+    flops = training_flops_per_token(decoder_config(config), d.seq_len) * d.batch_size * d.seq_len
+    result["tflops_per_device"] = flops / result["step_s"] / jax.device_count() / 1e12
     peak = peak_flops_per_device(jax.devices()[0].device_kind)
-    print(f"model FLOPs: {flops / 1e12:.2f} TFLOP/s per device" + (f", MFU {flops / peak:.1%}" if peak else ""))
-    print(f"pipeline (read, render, tokenize, pack, batch): {sum(tokens) / pipeline_s:,.0f} tokens/s")
-    if args.profile:
-        print_top_ops(Path(args.profile))
+    if peak:
+        result["mfu"] = result["tflops_per_device"] * 1e12 / peak
+    return result
 
 
 def print_top_ops(directory: Path, top: int = 15) -> None:

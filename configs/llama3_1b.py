@@ -26,6 +26,9 @@ def get_config():
     # H100 holds it; raise batch_size on an H200. Remat would lower MFU, which counts
     # model FLOPs only.
     config.data.seq_len, config.data.batch_size = 4096, 4
+    # One process renders and packs 38.7k tokens/s of these rows (53.8k with 2 workers on
+    # 2 cores; tools/bench_pipeline.py, a Zen 3 core); 50% MFU on an H200 eats about 60k.
+    config.data.workers = 8
     config.mesh.shape.update(data=-1, fsdp=1, tensor=1)
     config.optimizer.warmup_steps = 10
     config.train.steps = 100

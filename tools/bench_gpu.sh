@@ -51,8 +51,9 @@ tests_rc=$?
 echo "exit $tests_rc: $(tail -n 1 "$OUT/attention_tests.log")"
 
 echo "== $CONFIG, attention $ATTENTION"
-$PY tools/bench_train_step.py --config "$CONFIG" --steps 10 --attention "$ATTENTION" --profile "$OUT/trace" \
-  --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1
+# The batches are read before the first step, so worker processes would only add start-up.
+$PY tools/bench_train_step.py --config "$CONFIG" --steps 10 --config.data.workers=0 --attention "$ATTENTION" \
+  --profile "$OUT/trace" --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 grep -v -e "^  " -e "^profile:" "$OUT/bench.log" | tail -n 40  # the figures; top ops stay in bench.log
 echo "tests exit $tests_rc, benchmark exit $bench_rc (1: an implementation ran out of memory); logs in $OUT"

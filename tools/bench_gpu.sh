@@ -5,14 +5,15 @@
 # implementation on the same batches, and a profile of one step of each. Logs, figures
 # (bench.json) and traces go to $OUT (default /tmp/bench_gpu); the table comes last.
 #
-#   bash tools/bench_gpu.sh [--steps 10] [--config.x=y ...]   # on the GPU machine
-#   bash tools/bench_gpu.sh wheels [3.12]                     # here: .whl/ for an offline one
+#   bash tools/bench_gpu.sh [--steps 10] [--config.x=y ...]    # on the GPU machine
+#   bash tools/bench_gpu.sh wheels [3.12 [x86_64|aarch64]]     # here: .whl/ for an offline one
 #
 # An offline machine whose Python has JAX, Flax, Optax, Orbax and transformers but not
 # the rest of what the benchmark imports takes those from .whl/ (the second form, at the
 # versions this checkout's .venv runs), installed into a folder of their own, not over its
-# packages; a Python that has them all ignores .whl/. CONFIG, ATTENTION, TESTS (pytest -k) and JAX_PLATFORMS (default cuda) change
-# what runs; the tests run it on CPU with the smoke model.
+# packages; a Python that has them all ignores .whl/. CONFIG, ATTENTION, TESTS (pytest -k)
+# and JAX_PLATFORMS (default cuda) change what runs; the tests run it on CPU with the
+# smoke model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,29 +23,38 @@ ATTENTION=${ATTENTION:-pallas_gpu,xla_chunked,xla}  # the reference last: at 4k 
 TESTS=${TESTS:-match_the_reference or attends_across or fully_padded or equal_xla}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 NEEDED="grain array-record portpicker ml-collections tensorboardX"  # what a JAX image tends to lack
+MODULES="grain, array_record, portpicker, ml_collections, tensorboardX"
 
 if [ "${1:-}" = wheels ]; then
   pins=$(.venv/bin/python -c "import importlib.metadata as m, sys; print(*(f'{p}=={m.version(p)}' for p in sys.argv[1:]))" $NEEDED) || exit 1
-  platforms=$(printf -- "--platform manylinux_2_%s_x86_64 " 17 24 27 28 31 34)
+  arch=${3:-x86_64}
+  platforms=$(printf -- "--platform manylinux_2_%s_$arch " 17 24 27 28 31 34)
+  rm -rf .whl  # one version of each: pip refuses two
   exec .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version "${2:-3.12}" \
-    --implementation cp $platforms --platform manylinux2014_x86_64 -d .whl $pins
+    --implementation cp $platforms --platform "manylinux2014_$arch" -d .whl $pins
 fi
 
 mkdir -p "$OUT"
-if ! $PY -c "import grain, ml_collections, tensorboardX" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+if ! $PY -c "import $MODULES" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
   site=$(mktemp -d)
   $PY -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
-  export PYTHONPATH=$site
+  export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-{
-  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-} 2>&1 | tee "$OUT/machine.txt"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
+  --format=csv 2>&1 | tee "$OUT/machine.txt"
+if ! $PY -c "import jax, flax, $MODULES; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
+    >> "$OUT/machine.txt" 2>&1; then
+  tail -n 5 "$OUT/machine.txt"
+  echo "JAX cannot run on '$JAX_PLATFORMS' with $PY, or a package is missing (above; all of it in $OUT/machine.txt)"
+  exit 2
+fi
+tail -n 1 "$OUT/machine.txt"
 
 echo "== attention parity on $JAX_PLATFORMS (tests/test_attention.py -k '$TESTS')"
-# The reference's float32 products exact (no TF32), as the kernels' own are.
+# Float32 products exact in the reference (XLA would use TF32 on a GPU) and in the Triton
+# kernel (whose default precision is TF32 too).
 JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest tests/test_attention.py -q -p no:cacheprovider -k "$TESTS" \
   > "$OUT/attention_tests.log" 2>&1
 tests_rc=$?
@@ -55,6 +65,7 @@ echo "== $CONFIG, attention $ATTENTION"
 $PY tools/bench_train_step.py --config "$CONFIG" --steps 10 --config.data.workers=0 --attention "$ATTENTION" \
   --profile "$OUT/trace" --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1
 bench_rc=$?
-grep -v -e "^  " -e "^profile:" "$OUT/bench.log" | tail -n 40  # the figures; top ops stay in bench.log
-echo "tests exit $tests_rc, benchmark exit $bench_rc (1: an implementation ran out of memory); logs in $OUT"
+# The figures and any error; each profile's top ops stay in bench.log.
+grep -v -E -e "^ +[0-9.,]+ ms +[0-9.]+% " -e "^profile: " "$OUT/bench.log" | tail -n 40
+echo "tests exit $tests_rc, benchmark exit $bench_rc; logs in $OUT"
 exit $(( tests_rc || bench_rc ))

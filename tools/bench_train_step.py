@@ -7,12 +7,12 @@ Prints compile time, steady-state step time, tokens/s (non-padding tokens), TFLO
 device and MFU (model FLOPs of every token slot, jit_tune/flops.py; MFU on accelerators
 with a known peak), and the pipeline's own tokens/s, measured in the same process on the
 same batches. `--attention` measures several implementations one after another on the
-same batches (one model at a time) and ends with a table of them; one that runs out of
-device memory is reported as such and the others still run (the exit code is then 1).
-With `--profile DIR`, one more step of each runs under the JAX profiler: its trace goes
-to DIR/<implementation> (open it in Perfetto or XProf) and the ops that took the most
-time are printed, summed by name (on an accelerator, its kernels). `--json FILE` writes
-the figures.
+same batches (one model at a time) and ends with a table of them; one that fails (say,
+out of device memory) is reported with its error and the others still run, and the exit
+code is then 1. With `--profile DIR`, one more step of each runs under the JAX profiler:
+its trace goes to DIR/<attention> (DIR without --attention; open it in Perfetto or XProf)
+and the ops that took the most time are printed, summed by name (on an accelerator, its
+kernels). `--json FILE` writes the figures, after each implementation.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import gzip
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -50,7 +51,9 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR", help="trace one more step into DIR and print its top ops")
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     args, overrides = parser.parse_known_args()
-    names = args.attention.split(",") if args.attention else [None]
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: expected 1 or more timed steps")
+    names = [n.strip() for n in args.attention.split(",") if n.strip()] if args.attention else [None]
     # Every config is loaded (and validated) before any data is read.
     configs = [load_config(args.config, overrides + ([f"--config.model.attention={n}"] if n else [])) for n in names]
     config = configs[0]
@@ -64,56 +67,65 @@ def main() -> None:
     tokens = sum(real[1:args.steps + 1]) / args.steps  # of a timed step
 
     d = config.data
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; jax {jax.__version__}")
+    report = {"config": args.config, "overrides": overrides, "device": jax.devices()[0].device_kind,
+              "devices": jax.device_count(), "jax": jax.__version__, "batch": [d.batch_size, d.seq_len],
+              "steps": args.steps, "real_tokens_per_step": tokens,
+              # Start-up included: the packer fills data.packing_bins rows before the first
+              # leaves (tools/bench_pipeline.py measures the steady state).
+              "pipeline_tokens_per_sec": sum(real) / pipeline_s, "results": []}
+    print(f"devices: {report['devices']} x {report['device']}; jax {jax.__version__}")
     print(f"batch: {d.batch_size} x {d.seq_len}, real tokens/step: {tokens:,.0f}")
-    # Start-up included: the packer fills data.packing_bins rows before the first leaves
-    # (tools/bench_pipeline.py measures the steady state).
-    print(f"pipeline (read, render, tokenize, pack, batch; with start-up): {sum(real) / pipeline_s:,.0f} tokens/s")
-    results = []
+    print(f"pipeline (read, render, tokenize, pack, batch; with start-up): "
+          f"{report['pipeline_tokens_per_sec']:,.0f} tokens/s")
     for config in configs:
         name = config.model.attention
-        label = name if name != "auto" else f"auto ({resolve(name, config.model)})"
-        profile = Path(args.profile) / name if args.profile and len(configs) > 1 else args.profile
-        print(f"\n== attention: {label}", flush=True)
+        result = {"attention": name, "implementation": resolve(name, config.model)}
+        profile = args.profile and (Path(args.profile) / name if args.attention else Path(args.profile))
+        print(f"\n== attention: {name}" + (f" ({result['implementation']})" if name == "auto" else ""), flush=True)
         try:
-            result = measure(config, local, args.steps, profile)
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            print(f"out of device memory: {str(e).splitlines()[0][:300]}")
-            result = {"error": "out of device memory"}
+            result.update(measure(config, local, args.steps, profile))
+        except Exception as e:  # noqa: BLE001: one implementation's failure must not cost the others' figures
+            traceback.print_exc()
+            first_line = (str(e).splitlines() or [""])[0][:300]
+            result["error"] = f"{type(e).__name__}: {first_line}"
+            if "RESOURCE_EXHAUSTED" in first_line:
+                result["error"] = f"out of device memory ({first_line})"
+            print(f"failed: {result['error']}")
         finally:
             gc.collect()  # the last model's buffers, before the next one's
-        result = {"attention": label, **result}
         if "step_s" in result:
             result["tokens_per_sec"] = tokens / result["step_s"]
-            print(f"params: {result['params'] / 1e6:.2f}M")
-            print(f"compile + first step: {result['compile_s']:.1f} s")
-            print(f"train step: {result['step_s'] * 1e3:.0f} ms, {result['tokens_per_sec']:,.0f} tokens/s")
-            print(f"model FLOPs: {result['tflops_per_device']:.2f} TFLOP/s per device"
-                  + (f", MFU {result['mfu']:.1%}" if "mfu" in result else ""))
-            if profile:
-                print_top_ops(Path(profile))
-        results.append(result)
-    if len(results) > 1:
-        print(f"\n{'attention':24s} {'step ms':>9s} {'tokens/s':>11s} {'TFLOP/s':>8s} {'MFU':>6s}")
-        for r in results:
-            if "step_s" not in r:
-                print(f"{r['attention']:24s} {r['error']}")
-                continue
-            mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-            print(f"{r['attention']:24s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_sec']:11,.0f} "
-                  f"{r['tflops_per_device']:8.2f} {mfu:>6s}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": args.config, "overrides": overrides,
-                                               "device": jax.devices()[0].device_kind,
-                                               "devices": jax.device_count(), "jax": jax.__version__,
-                                               "batch": [d.batch_size, d.seq_len], "real_tokens_per_step": tokens,
-                                               "results": results}, indent=1))
-    sys.exit(1 if any("error" in r for r in results) else 0)
+            print_figures(result, profile)
+        report["results"].append(result)
+        if args.json:  # after each implementation, so a crash keeps what was measured
+            Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.attention:
+        print_table(report["results"])
+    sys.exit(1 if any("error" in r for r in report["results"]) else 0)
 
 
-def measure(config, local: list[dict], steps: int, profile: str | None) -> dict:
+def print_figures(result: dict, profile: Path | None) -> None:
+    print(f"params: {result['params'] / 1e6:.2f}M")
+    print(f"compile + first step: {result['compile_s']:.1f} s")
+    print(f"train step: {result['step_s'] * 1e3:.0f} ms, {result['tokens_per_sec']:,.0f} tokens/s")
+    print(f"model FLOPs: {result['tflops_per_device']:.2f} TFLOP/s per device"
+          + (f", MFU {result['mfu']:.1%}" if "mfu" in result else ""))
+    if profile:
+        print_top_ops(profile)
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'attention':24s} {'step ms':>9s} {'tokens/s':>11s} {'TFLOP/s':>8s} {'MFU':>6s}")
+    for r in results:
+        name = r["attention"] + (f" ({r['implementation']})" if r["attention"] == "auto" else "")
+        if "error" in r:
+            print(f"{name:24s} failed: {r['error'][:120]}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        print(f"{name:24s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_sec']:11,.0f} {r['tflops_per_device']:8.2f} {mfu:>6s}")
+
+
+def measure(config, local: list[dict], steps: int, profile: Path | None) -> dict:
     """Compile time, steady-state step time, TFLOP/s per device and MFU (where the peak is
     known) of one model with `config` on the batches `local` (the first compiles)."""
     mesh = mesh_lib.make_mesh(config)
@@ -131,7 +143,7 @@ def measure(config, local: list[dict], steps: int, profile: str | None) -> dict:
         jax.block_until_ready(metrics)
         result["step_s"] = (time.perf_counter() - start) / steps
         if profile:
-            with jax.profiler.trace(profile, create_perfetto_trace=True):
+            with jax.profiler.trace(str(profile), create_perfetto_trace=True):
                 jax.block_until_ready(step(model, optimizer, mesh_lib.global_batch(local[-1], mesh)))
     d = config.data
     flops = training_flops_per_token(decoder_config(config), d.seq_len) * d.batch_size * d.seq_len

@@ -23,7 +23,7 @@ ATTENTION=${ATTENTION:-pallas_gpu,xla_chunked,xla}  # the reference last: at 4k 
 TESTS=${TESTS:-match_the_reference or attends_across or fully_padded or equal_xla}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 NEEDED="grain array-record portpicker ml-collections tensorboardX"  # what a JAX image tends to lack
-MODULES="grain, array_record, portpicker, ml_collections, tensorboardX"
+MODULES=$(echo ${NEEDED//-/_} | tr " " ",")  # their import names
 
 if [ "${1:-}" = wheels ]; then
   pins=$(.venv/bin/python -c "import importlib.metadata as m, sys; print(*(f'{p}=={m.version(p)}' for p in sys.argv[1:]))" $NEEDED) || exit 1

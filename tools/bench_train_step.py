@@ -81,15 +81,14 @@ def main() -> None:
         name = config.model.attention
         result = {"attention": name, "implementation": resolve(name, config.model)}
         profile = args.profile and (Path(args.profile) / name if args.attention else Path(args.profile))
-        print(f"\n== attention: {name}" + (f" ({result['implementation']})" if name == "auto" else ""), flush=True)
+        print(f"\n== attention: {label(result)}", flush=True)
         try:
             result.update(measure(config, local, args.steps, profile))
         except Exception as e:  # noqa: BLE001: one implementation's failure must not cost the others' figures
             traceback.print_exc()
             first_line = (str(e).splitlines() or [""])[0][:300]
-            result["error"] = f"{type(e).__name__}: {first_line}"
-            if "RESOURCE_EXHAUSTED" in first_line:
-                result["error"] = f"out of device memory ({first_line})"
+            oom = "RESOURCE_EXHAUSTED" in first_line
+            result["error"] = f"out of device memory ({first_line})" if oom else f"{type(e).__name__}: {first_line}"
             print(f"failed: {result['error']}")
         finally:
             gc.collect()  # the last model's buffers, before the next one's
@@ -102,6 +101,12 @@ def main() -> None:
     if args.attention:
         print_table(report["results"])
     sys.exit(1 if any("error" in r for r in report["results"]) else 0)
+
+
+def label(result: dict) -> str:
+    """The attention as asked for, and what "auto" resolved to."""
+    name = result["attention"]
+    return name + (f" ({result['implementation']})" if name == "auto" else "")
 
 
 def print_figures(result: dict, profile: Path | None) -> None:
@@ -117,7 +122,7 @@ def print_figures(result: dict, profile: Path | None) -> None:
 def print_table(results: list[dict]) -> None:
     print(f"\n{'attention':24s} {'step ms':>9s} {'tokens/s':>11s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for r in results:
-        name = r["attention"] + (f" ({r['implementation']})" if r["attention"] == "auto" else "")
+        name = label(r)
         if "error" in r:
             print(f"{name:24s} failed: {r['error'][:120]}")
             continue

@@ -146,8 +146,8 @@ def default_config() -> ml_collections.ConfigDict:
     # the step's update, up to max_skipped_steps in a row before stopping.
     c.train.on_nonfinite = "stop"
     c.train.max_skipped_steps = 5
-    # The training loss computes float32 logits this many positions at a time, recomputing
-    # them in the backward pass, so [batch, seq_len, vocab] logits never exist (0: all at once).
+    # The training loss and evaluation's scoring compute float32 logits this many positions
+    # of each row at a time, so [batch, seq_len, vocab] logits never exist (0: all at once).
     c.train.loss_chunk = 1024
 
     c.logging = ml_collections.ConfigDict()
@@ -209,7 +209,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 0  # 0: only at the end of training
     c.eval.at_start = False  # also evaluate before the first step (step 0: the baseline of the run)
     c.eval.examples_per_task = 100  # per task and per template group (held-in, held-out)
-    c.eval.batch_size = 128
+    # Rows of data.seq_len per scoring pass, and prompts per generate call. 0: a training
+    # microbatch's rows (data.batch_size // train.microbatches), which fit wherever training does.
+    c.eval.batch_size = 0
     c.eval.max_new_tokens = 24
     c.eval.predictions = True  # eval/predictions/step_<N>/<task>.jsonl: prompt, target, prediction, options
 
@@ -500,8 +502,10 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("eval.every_steps", e.every_steps >= 0, "an integer >= 0 (0: only at the end)")
     check("eval.shots", isinstance(e.shots, int) and e.shots >= 0, "an integer >= 0")
     check("eval.max_options", isinstance(e.max_options, int) and e.max_options >= 2, "an integer >= 2")
-    for key in ("examples_per_task", "batch_size", "max_new_tokens"):
+    for key in ("examples_per_task", "max_new_tokens"):
         check(f"eval.{key}", e[key] > 0, "a positive integer")
+    check("eval.batch_size", isinstance(e.batch_size, int) and e.batch_size >= 0,
+          "an integer >= 0 (0: the training microbatch's rows)")
     _check_lora(config, check, need_weights)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -103,3 +103,13 @@ def test_bad_template_in_config_file_names_its_line_and_key(tmp_path):
     with pytest.raises(ConfigError, match=rf"{path}:6: config.data.tasks.raw.templates.templates\[0\].prompt: "
                                           "Jinja syntax error"):
         load_config(str(path))
+
+
+def test_evaluation_batches_default_to_a_training_microbatch_and_refuse_negative_sizes():
+    from jit_tune.eval.evaluator import eval_rows
+
+    config = load_config(TINY, ["--config.data.batch_size=48", "--config.train.microbatches=3"])
+    assert config.eval.batch_size == 0 and eval_rows(config) == 16  # fits wherever a training microbatch does
+    assert eval_rows(load_config(TINY, ["--config.eval.batch_size=5"])) == 5
+    with pytest.raises(ConfigError, match=r"config.eval.batch_size = -1: expected an integer >= 0"):
+        load_config(TINY, ["--config.eval.batch_size=-1"])

@@ -198,3 +198,26 @@ def test_a_run_reads_and_indexes_each_task_file_once(tmp_path, monkeypatch):
                           "c.data.validation_share = 0.2", "c.data.mixture = ConfigDict({'labels': 1.0})")
     assert main(["train", "--config", str(config), "--workdir", str(tmp_path / "run")]) == 0
     assert opened == [str(tmp_path / "labels.jsonl")]
+
+
+def test_evaluation_of_long_rows_fits_where_their_training_does(tmp_path):
+    """Rows of 4,096 tokens, 2 a step. Evaluation once scored 128 such rows a pass with
+    their whole float32 logits and asked for 38 GB; now it scores a training microbatch's
+    rows (eval.batch_size 0) with the logits in chunks, and the run stays under 6 GB."""
+    import os
+    import subprocess
+    import sys
+
+    run = ("import resource, subprocess, sys; "
+           "code = subprocess.run([sys.executable, '-m', 'jit_tune.cli', *sys.argv[1:]]).returncode; "
+           "print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", run, "train", "--config", "configs/tiny.py:smoke", "--workdir", str(tmp_path / "run"),
+         "--config.data.seq_len=4096", "--config.data.batch_size=2", "--config.data.packing_bins=4",
+         "--config.eval.examples_per_task=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak_gb = int(result.stdout.split("peak_kb")[-1]) / 2**20
+    assert peak_gb < 6, peak_gb
+    assert json.loads((tmp_path / "run/eval/results.json").read_text())["results"]["overall"]

@@ -2,11 +2,13 @@
 logits, for any chunk size (dividing the row length or not), packed rows, a loss mask,
 microbatches and a sharded mesh; and it keeps less memory than full logits. The fused
 loss on its own: gradients of any subset of the projection's factors, a scaled
-cotangent, and an error when asked for what it does not differentiate."""
+cotangent, and an error when asked for what it does not differentiate. Evaluation's
+per-token losses: chunked the same way, equal to full logits', and as lean."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -54,12 +56,18 @@ def packed_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[str,
     return batch
 
 
+def full_logits_losses(model: Decoder, batch: dict) -> jax.Array:
+    """The per-token cross-entropy [B, L] from the model's whole float32 logits."""
+    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+
+
 @nnx.jit
 def _full_logits_loss(model: Decoder, batch: dict):
     mask = batch["loss_mask"].astype(jnp.float32)
 
     def loss(m):
-        per_token = token_losses(m, batch) * mask
+        per_token = full_logits_losses(m, batch) * mask
         return per_token.sum(), per_token
 
     (loss_sum, per_token), grads = nnx.value_and_grad(loss, has_aux=True)(model)
@@ -129,6 +137,35 @@ def test_chunks_keep_a_fraction_of_the_memory_of_full_logits():
             compiled = loss_and_grads.lower(model, batch, 1, chunk, 0).compile()
             temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
     assert temp[32] < temp[0] / 3, temp
+
+
+@pytest.mark.parametrize("final_softcap", [0.0, 5.0])
+def test_evaluation_losses_in_chunks_equal_full_logits(final_softcap):
+    import dataclasses
+
+    model = small_model(dataclasses.replace(SMALL, final_softcap=final_softcap))
+    batch = packed_batch(rows=4, length=24, vocab=SMALL.vocab_size)
+    want = np.asarray(nnx.jit(full_logits_losses)(model, batch))
+    losses = nnx.jit(token_losses, static_argnames="chunk")
+    with one_device():
+        for chunk in (0, 5, 8, 100):
+            np.testing.assert_allclose(losses(model, batch, chunk), want, rtol=1e-5, atol=1e-6, err_msg=f"{chunk=}")
+
+
+def test_evaluation_losses_in_chunks_keep_a_fraction_of_the_memory_of_full_logits():
+    """Scoring 4 rows of 256 tokens over 65,536 words: full float32 logits are 256 MiB
+    (evaluation's batches once held them whole, and ran out of memory at long rows)."""
+    from jit_tune.eval.scoring import segment_logliks
+
+    model = small_model(DecoderConfig(vocab_size=65536, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
+                                      mlp_dim=64))
+    batch = packed_batch(rows=4, length=256, vocab=65536)
+    temp = {}
+    with one_device():
+        for chunk in (0, 16):
+            compiled = segment_logliks.lower(model, batch, chunk).compile()
+            temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[0] > 256 * 2**20 > 8 * temp[16], temp
 
 
 def _fused_inputs(seed=0, b=3, length=37, d=16, v=50, r=4):

@@ -40,12 +40,19 @@ def _answer_sequence(tokenizer, example: EvalExample, answer: str, seq_len: int,
     return ids[cut:], mask[cut:]
 
 
+def eval_rows(config: ConfigDict) -> int:
+    """Rows of data.seq_len per scoring pass, and prompts per generate call: eval.batch_size,
+    or (0) a training microbatch's rows, which fit in memory wherever training does."""
+    return config.eval.batch_size or config.data.batch_size // config.train.microbatches
+
+
 def _score(model: Decoder, sequences: list, config: ConfigDict) -> list[tuple[float, int] | None]:
     """Summed log-likelihood and token count of each sequence (None stays None)."""
     present = [s for s in sequences if s is not None]
     if not present:
         return [None] * len(sequences)
-    sums, counts = sequence_logliks(model, present, config.data.seq_len, config.eval.batch_size)
+    sums, counts = sequence_logliks(model, present, config.data.seq_len, eval_rows(config),
+                                    chunk=config.train.loss_chunk)
     scored = iter(zip(sums.tolist(), counts.tolist()))
     return [None if s is None else next(scored) for s in sequences]
 
@@ -79,7 +86,7 @@ def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigD
     if generated:
         prompts = [prompt_ids(tokenizer, ex.messages[:-1])[-seq_len:] for _, ex in generated]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        outputs = generate(model, prompts, e.max_new_tokens, tokenizer.eos_token_id, pad, e.batch_size)
+        outputs = generate(model, prompts, e.max_new_tokens, tokenizer.eos_token_id, pad, eval_rows(config))
         for (i, ex), output in zip(generated, outputs):
             prediction = tokenizer.decode(output, skip_special_tokens=True).strip()
             records[i]["prediction"] = prediction

@@ -49,13 +49,14 @@ def pack_sequences(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-@nnx.jit
-def segment_logliks(model: Decoder, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+@nnx.jit(static_argnames="chunk")
+def segment_logliks(model: Decoder, batch: dict[str, jax.Array], chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """Summed log p(target) over the masked targets, and their count, per row and segment
-    id: [B, L + 1] each (a row of L slots holds at most L segments)."""
+    id: [B, L + 1] each (a row of L slots holds at most L segments). The logits are
+    formed `chunk` positions of each row at a time (0: all at once)."""
     mask_BxL = batch["loss_mask"].astype(jnp.float32)
     # token_losses is -log_softmax(float32 logits) at each target.
-    logp_BxL = -token_losses(model, batch) * mask_BxL
+    logp_BxL = -token_losses(model, batch, chunk) * mask_BxL
     per_segment = jax.vmap(partial(jax.ops.segment_sum, num_segments=mask_BxL.shape[1] + 1))
     return per_segment(logp_BxL, batch["segment_ids"]), per_segment(mask_BxL, batch["segment_ids"])
 
@@ -79,11 +80,12 @@ def _rows(sequences: Sequence[tuple[np.ndarray, np.ndarray]], groups: Sequence[l
 
 
 def sequence_logliks(model: Decoder, sequences: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, rows: int,
-                     packed: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                     packed: bool = True, chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per sequence (token ids [n], score mask [n]): the summed log p(ids[i] | ids[:i])
     over the i with mask[i] = 1 (float64), and how many there are (int64), in input
     order. With `packed`, sequences share rows (see pack_sequences); else one per row.
-    Batches of `rows` rows of `seq_len` slots; a sequence of n tokens needs n - 1 slots.
+    Batches of `rows` rows of `seq_len` slots; a sequence of n tokens needs n - 1 slots;
+    the logits `chunk` positions of each row at a time (0: all at once).
     Run it under the model's mesh (jax.set_mesh), like the rest of evaluation."""
     sequences = [(np.asarray(ids), np.asarray(mask)) for ids, mask in sequences]
     for i, (ids, mask) in enumerate(sequences):
@@ -101,10 +103,10 @@ def sequence_logliks(model: Decoder, sequences: Sequence[tuple[np.ndarray, np.nd
 
     sums, counts = np.zeros(len(sequences), np.float64), np.zeros(len(sequences), np.int64)
     for start in range(0, len(groups), rows):
-        chunk = groups[start: start + rows]
-        sums_BxS, counts_BxS = segment_logliks(model, _rows(sequences, chunk, seq_len, rows))
+        batch_groups = groups[start: start + rows]
+        sums_BxS, counts_BxS = segment_logliks(model, _rows(sequences, batch_groups, seq_len, rows), chunk)
         sums_BxS, counts_BxS = to_host(sums_BxS), to_host(counts_BxS)
-        for r, group in enumerate(chunk):
+        for r, group in enumerate(batch_groups):
             sums[group] = sums_BxS[r, 1: len(group) + 1]
             counts[group] = np.rint(counts_BxS[r, 1: len(group) + 1])
     return sums, counts

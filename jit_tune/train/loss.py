@@ -37,6 +37,16 @@ def fused_loss(hidden_BxLxD: jax.Array, unembed: Unembedding, targets_BxL: jax.A
     return total, jax.lax.stop_gradient(losses_BxL)
 
 
+def token_losses(hidden_BxLxD: jax.Array, unembed: Unembedding, targets_BxL: jax.Array, softcap: float,
+                 chunk: int) -> jax.Array:
+    """The cross-entropy of every position [B, L] (no mask applied), `chunk` positions of
+    every row at a time as the training loss takes them, without forming a gradient: for
+    evaluation, whose batches would otherwise hold float32 logits of [B, L, V].
+    Differentiable by plain autodiff through the chunk loop (tests)."""
+    weights_BxL = jnp.ones(targets_BxL.shape, jnp.float32)
+    return _losses_and_grads(hidden_BxLxD, unembed, targets_BxL, weights_BxL, softcap, chunk, None)[1]
+
+
 def _chunked(x_BxLxD: jax.Array, chunk: int) -> jax.Array:
     """[B, L, ...] -> [n, B, chunk, ...], zero-padded: each step of the loop takes a chunk
     of every row, so rows keep their sharding over the batch axes."""

@@ -1,8 +1,9 @@
-"""The train step and the evaluation loss: one jitted function each, at every scale.
+"""The train step, one jitted function at every scale, and the per-token loss evaluation
+scores with.
 
-The training loss (train/loss.py) never holds float32 logits for the whole batch: it
-takes the vocabulary `loss_chunk` positions at a time, with each chunk's gradient formed
-in the same pass.
+Neither holds float32 logits for the whole batch (train/loss.py): both take the
+vocabulary `loss_chunk` positions at a time, the training loss with each chunk's
+gradient formed in the same pass.
 
 The gradient is taken with respect to what the model trains (`lora.trainable`): every
 parameter, or with LoRA the adapters alone, the frozen base then being a constant.
@@ -19,16 +20,17 @@ from jax.sharding import PartitionSpec
 from jit_tune.mesh import BATCH_SPEC
 from jit_tune.models.decoder import Decoder
 from jit_tune.models.lora import dropout_key, trainable
-from jit_tune.train.loss import fused_loss
+from jit_tune.train.loss import fused_loss, token_losses as chunked_token_losses
 
 LOSS_CHUNK = 1024  # config.train.loss_chunk's default
 
 
-def token_losses(model: Decoder, batch: dict[str, jax.Array]) -> jax.Array:
-    """Cross-entropy of every target token [B, L] from the full logits; the caller
-    applies the loss mask. (Evaluation and scoring; training uses the chunked path.)"""
-    logits_BxLxV, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+def token_losses(model: Decoder, batch: dict[str, jax.Array], chunk: int = 0) -> jax.Array:
+    """Cross-entropy of every target token [B, L], the vocabulary projected `chunk`
+    positions of each row at a time (0: all at once); the caller applies the loss mask.
+    (Evaluation and scoring; training uses fused_loss, which also forms the gradient.)"""
+    hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], hidden_only=True)
+    return chunked_token_losses(hidden, model.unembedding(), batch["targets"], model.config.final_softcap, chunk)
 
 
 def _summed_loss(params: nnx.State, graphdef, rest: nnx.State, batch: dict[str, jax.Array], loss_chunk: int,
@@ -100,10 +102,3 @@ def train_step(model: Decoder, optimizer: nnx.Optimizer, batch: dict[str, jax.Ar
     optimizer.update(model, grads)
     metrics = {"loss": sums.pop("loss_sum") / denominator, "grad_norm": optax.tree.norm(grads)}
     return {**metrics, **sums}
-
-
-@nnx.jit
-def eval_losses(model: Decoder, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Per-row summed loss and trained-token count [B], for per-task aggregation."""
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return (token_losses(model, batch) * mask).sum(axis=1), mask.sum(axis=1)

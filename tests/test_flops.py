@@ -188,6 +188,32 @@ def test_the_gpu_measurement_runs_the_parity_tests_then_each_attention_with_a_pr
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
 
 
+def test_a_profiler_that_fails_costs_the_step_figures_nothing(tmp_path, capsys):
+    """The benchmark's figures stand when the profiler cannot trace (here another trace
+    is running) or its trace cannot be read; each says so in one line."""
+    import jax
+
+    from jit_tune.config import load_config
+
+    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "tools" / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = load_config("configs/tiny.py:smoke")
+    local = [packed_batch(rows=config.data.batch_size, length=config.data.seq_len, vocab=97, seed=i)
+             for i in range(3)]
+    jax.profiler.start_trace(str(tmp_path / "another"))
+    try:
+        result = bench.measure(config, local, 1, tmp_path / "trace")
+    finally:
+        jax.profiler.stop_trace()
+    assert result["step_s"] > 0 and result["profile_error"].startswith("RuntimeError: ")
+    bench.print_figures({**result, "tokens_per_sec": 1.0}, tmp_path / "trace")
+    assert f"profile: failed: {result['profile_error']}" in capsys.readouterr().out
+    del result["profile_error"]
+    bench.print_figures({**result, "tokens_per_sec": 1.0}, tmp_path / "no_trace_here")
+    assert f"profile: {tmp_path / 'no_trace_here'} could not be summarized: ValueError" in capsys.readouterr().out
+
+
 def jax_version() -> str:
     import jax
 

@@ -22,7 +22,7 @@ CONFIG=${CONFIG:-configs/llama3_1b.py}
 ATTENTION=${ATTENTION:-pallas_gpu,xla_chunked,xla}  # the reference last: at 4k tokens it may not fit
 TESTS=${TESTS:-match_the_reference or attends_across or fully_padded or equal_xla}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
-NEEDED="grain array-record portpicker ml-collections tensorboardX"  # what a JAX image tends to lack
+NEEDED="grain array-record portpicker ml-collections tensorboardX cloudpickle"  # what a JAX image may lack
 MODULES=$(echo ${NEEDED//-/_} | tr " " ",")  # their import names
 
 if [ "${1:-}" = wheels ]; then
@@ -44,10 +44,14 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
   --format=csv 2>&1 | tee "$OUT/machine.txt"
-if ! $PY -c "import jax, flax, $MODULES; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
+# flax.nnx and jit_tune's modules too: a Flax older than its JAX fails at `import flax.nnx`
+# (flax 0.12.8 under jax 0.11.1 or later), where `import flax` still works.
+if ! $PY -c "import jax, flax, optax, flax.nnx, $MODULES, jit_tune.train.step, jit_tune.models.attention
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" \
     >> "$OUT/machine.txt" 2>&1; then
   tail -n 5 "$OUT/machine.txt"
-  echo "JAX cannot run on '$JAX_PLATFORMS' with $PY, or a package is missing (above; all of it in $OUT/machine.txt)"
+  echo "JAX cannot run on '$JAX_PLATFORMS' with $PY, or a package is missing or does not import under this JAX" \
+    "(above; all of it in $OUT/machine.txt)"
   exit 2
 fi
 tail -n 1 "$OUT/machine.txt"

@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 import jax
+from flax import nnx
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import load_config
@@ -86,9 +87,9 @@ def main() -> None:
             result.update(measure(config, local, args.steps, profile))
         except Exception as e:  # noqa: BLE001: one implementation's failure must not cost the others' figures
             traceback.print_exc()
-            first_line = (str(e).splitlines() or [""])[0][:300]
-            oom = "RESOURCE_EXHAUSTED" in first_line
-            result["error"] = f"out of device memory ({first_line})" if oom else f"{type(e).__name__}: {first_line}"
+            line = first_line(e)
+            oom = "RESOURCE_EXHAUSTED" in line
+            result["error"] = f"out of device memory ({line})" if oom else f"{type(e).__name__}: {line}"
             print(f"failed: {result['error']}")
         finally:
             gc.collect()  # the last model's buffers, before the next one's
@@ -103,6 +104,10 @@ def main() -> None:
     sys.exit(1 if any("error" in r for r in report["results"]) else 0)
 
 
+def first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [""])[0][:300]
+
+
 def label(result: dict) -> str:
     """The attention as asked for, and what "auto" resolved to."""
     name = result["attention"]
@@ -115,8 +120,13 @@ def print_figures(result: dict, profile: Path | None) -> None:
     print(f"train step: {result['step_s'] * 1e3:.0f} ms, {result['tokens_per_sec']:,.0f} tokens/s")
     print(f"model FLOPs: {result['tflops_per_device']:.2f} TFLOP/s per device"
           + (f", MFU {result['mfu']:.1%}" if "mfu" in result else ""))
-    if profile:
-        print_top_ops(profile)
+    if "profile_error" in result:
+        print(f"profile: failed: {result['profile_error']}")
+    elif profile:
+        try:
+            print_top_ops(profile)
+        except Exception as e:  # noqa: BLE001: a trace that cannot be read costs only its summary
+            print(f"profile: {profile} could not be summarized: {type(e).__name__}: {e}")
 
 
 def print_table(results: list[dict]) -> None:
@@ -135,7 +145,7 @@ def measure(config, local: list[dict], steps: int, profile: Path | None) -> dict
     known) of one model with `config` on the batches `local` (the first compiles)."""
     mesh = mesh_lib.make_mesh(config)
     model, optimizer = create_model_and_optimizer(config, mesh)
-    result = {"params": sum(x.size for x in jax.tree.leaves(model))}
+    result = {"params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))}
     with mesh_lib.use_mesh(config, mesh):
         start = time.perf_counter()
         step = functools.partial(train_step, microbatches=config.train.microbatches,
@@ -148,8 +158,12 @@ def measure(config, local: list[dict], steps: int, profile: Path | None) -> dict
         jax.block_until_ready(metrics)
         result["step_s"] = (time.perf_counter() - start) / steps
         if profile:
-            with jax.profiler.trace(str(profile), create_perfetto_trace=True):
-                jax.block_until_ready(step(model, optimizer, mesh_lib.global_batch(local[-1], mesh)))
+            try:  # the figures above stand whether or not the profiler works here
+                with jax.profiler.trace(str(profile), create_perfetto_trace=True):
+                    jax.block_until_ready(step(model, optimizer, mesh_lib.global_batch(local[-1], mesh)))
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                result["profile_error"] = f"{type(e).__name__}: {first_line(e)}"
     d = config.data
     flops = training_flops_per_token(decoder_config(config), d.seq_len) * d.batch_size * d.seq_len
     result["tflops_per_device"] = flops / result["step_s"] / jax.device_count() / 1e12

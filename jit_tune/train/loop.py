@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -192,13 +193,19 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                     if stop_now:
                         checkpointer.wait()
                         raise Preempted(step, saved=checkpointer.latest_step() == step)
+                first = step == first_step - 1
+                if first:  # the packer fills all its open rows before one leaves: at long rows, minutes
+                    progress.write(f"Packing the first batch: {config.data.packing_bins} open rows of "
+                                   f"{config.data.seq_len} tokens fill first (fewer data.packing_bins start sooner)")
+                    waited = time.monotonic()
                 local = next(data_iterator)
                 # Counted now, added to the logged windows when the step finishes.
                 counts = data_stats.count(local)
                 tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
                 slots = local["segment_ids"].size * jax.process_count()
-                if step == first_step - 1:
-                    progress.write("Compiling the train step (the first step; once per process and shape)")
+                if first:
+                    progress.write(f"First batch after {time.monotonic() - waited:.1f} s. Compiling the train step "
+                                   "(the first step; once per process and shape)")
                 metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh), t.microbatches,
                                      t.loss_chunk, len(tasks))
                 step += 1

@@ -233,3 +233,17 @@ def test_the_gpu_benchmark_config_is_llama_3_2_1b_shaped():
     assert round(n / 1e6) == 1236  # Llama-3.2-1B: 1.24B parameters
     assert (config.data.seq_len, config.model.dtype) == (4096, "bfloat16")
     assert training_flops_per_token(model, 4096) > 6 * n  # attention counted on top
+
+
+def test_a_window_of_the_first_step_alone_reports_no_speed_rather_than_zero(tmp_path):
+    """log_every=1: the first step's window holds only its compilation (restarted), so its
+    line and metrics.jsonl say nothing of speed; the next steps' do."""
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir),
+                 "--config.train.log_every=1", "--config.eval.examples_per_task=1"]) == 0
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in logged if "loss" in line]
+    assert steps[0]["step"] == 1 and "tokens_per_sec" not in steps[0] and "tflops_per_device" not in steps[0]
+    assert all(line["tokens_per_sec"] > 0 and line["tflops_per_device"] > 0 for line in steps[1:])

@@ -29,9 +29,11 @@ class Throughput:
         self.restart()
 
     def restart(self) -> None:
-        self.tokens, self.slots, self.start, self.skipped = 0, 0, self.clock(), 0.0
+        self.steps, self.tokens, self.slots, self.start, self.skipped = 0, 0, 0, self.clock(), 0.0
 
     def add(self, tokens: int, slots: int = 0) -> None:
+        """One step's real tokens and token slots."""
+        self.steps += 1
         self.tokens += tokens
         self.slots += slots
 
@@ -49,7 +51,11 @@ class Throughput:
 
     def take_values(self) -> dict[str, float]:
         """tokens_per_sec, tokens_per_sec_padded, tflops_per_device and mfu (when known),
-        and a new window."""
+        and a new window; none of them for a window without a step (the first step's
+        window holds only its compilation, restarted), rather than a speed of 0."""
+        if not self.steps:
+            self.restart()
+            return {}
         elapsed = max(self.clock() - self.start - self.skipped, 1e-9)
         values = {"tokens_per_sec": self.tokens / elapsed, "tokens_per_sec_padded": self.slots / elapsed}
         if self.flops_per_token:
@@ -146,14 +152,16 @@ class Progress:
         """The logging window's summary: the bar's postfix, or a line."""
         if not self.enabled:
             return
-        shown = {"loss": f"{values['loss']:.4f}", "tok_s": f"{values['tokens_per_sec']:,.0f}"}
+        timed = "tokens_per_sec" in values  # not in the first step's window: its compilation
+        shown = {"loss": f"{values['loss']:.4f}", "tok_s": f"{values['tokens_per_sec']:,.0f}" if timed else "-"}
         if "mfu" in values:
             shown["mfu"] = f"{values['mfu']:.1%}"
         if self.bar:
             self.bar.set_postfix(**shown)
             return
         elapsed = time.monotonic() - self.start
-        speed = f"tokens/s {shown['tok_s']} (padded {values.get('tokens_per_sec_padded', 0):,.0f})"
+        speed = (f"tokens/s {shown['tok_s']} (padded {values['tokens_per_sec_padded']:,.0f})" if timed
+                 else "tokens/s - (compiling)")
         if "tflops_per_device" in values:
             speed += f"  TFLOP/s/device {values['tflops_per_device']:.3g}"
         if "mfu" in shown:

@@ -42,6 +42,13 @@ def test_compile_reports_memory_and_flops_on_a_small_v5p_slice(capsys):
     six_nt = 6 * report.parameters * report.tokens_per_step
     assert six_nt < reference.flops_per_chip * 4 < 3 * six_nt  # attention and the loss on top of 6NT
     assert report.flops_per_chip < reference.flops_per_chip
+    # The report says so where XLA's count falls short: not for the reference (one loss chunk, unrolled layers).
+    assert report.xla_undercounts() == ["nothing inside the splash kernel"] and reference.xla_undercounts() == []
+    assert "an undercount: it counts nothing inside the splash kernel" in report.table()
+    chunked = compile_train_step(load_config("configs/tiny.py", ["--config.model.attention=xla_chunked",
+                                                                "--config.train.loss_chunk=32"]), parse("v5p:2x2x1"))
+    assert chunked.xla_undercounts() == ["the loss-chunk loop's body once", "the attention's key-block loop body once"]
+    assert chunked.flops_per_chip < reference.flops_per_chip
     assert reference.model_flops_per_step < reference.flops_per_chip * 4 < 1.5 * reference.model_flops_per_step
 
 

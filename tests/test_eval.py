@@ -221,3 +221,19 @@ def test_evaluation_of_long_rows_fits_where_their_training_does(tmp_path):
     peak_gb = int(result.stdout.split("peak_kb")[-1]) / 2**20
     assert peak_gb < 6, peak_gb
     assert json.loads((tmp_path / "run/eval/results.json").read_text())["results"]["overall"]
+
+
+def test_prompts_cut_to_fit_a_row_are_counted_and_said(tmp_path, capsys):
+    """Eight exemplars before each prompt, rows of 48 tokens: most prompts lose their
+    first tokens, as in training. The table says how many; the predictions say by how
+    much, with the whole prompt; results.json counts them."""
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.data.seq_len=48",
+                 "--config.eval.shots=8", "--config.eval.tasks=('sort',)"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((workdir / "eval/results.json").read_text())["results"]
+    cut, of = results["prompts_cut"]["examples"], results["prompts_cut"]["of"]
+    assert 0 < cut <= of and f"{cut} of {of} examples did not fit a row (data.seq_len) with their answer" in out
+    records = [json.loads(line) for line in (workdir / "eval/predictions/step_6/sort.jsonl").read_text().splitlines()]
+    assert sum(r["prompt_tokens_cut"] > 0 for r in records) == cut == len(records)
+    assert all(r["prompt"].count("\n\n") == 8 for r in records)  # the whole prompt, for whoever reads it

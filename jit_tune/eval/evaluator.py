@@ -27,9 +27,9 @@ from jit_tune.models.decoder import Decoder
 
 
 def _answer_sequence(tokenizer, example: EvalExample, answer: str, seq_len: int, train_on: str):
-    """(ids, mask) of the prompt and `answer` as training renders them, the mask on the
-    answer's trained tokens; the prompt is cut from the left to fit a row, as in
-    training. None if the answer alone does not fit."""
+    """(ids, mask, cut) of the prompt and `answer` as training renders them, the mask on
+    the answer's trained tokens; the prompt is cut from the left to fit a row, as in
+    training, by `cut` tokens. None if the answer alone does not fit."""
     messages = example.messages[:-1] + [{"role": "assistant", "content": answer}]
     ids, mask = tokenize_conversation(tokenizer, messages, train_on)
     if not mask.any():
@@ -37,7 +37,7 @@ def _answer_sequence(tokenizer, example: EvalExample, answer: str, seq_len: int,
     cut = max(len(ids) - seq_len, 0)
     if cut >= int(np.argmax(mask)):  # the first scored token needs a token before it
         return None
-    return ids[cut:], mask[cut:]
+    return ids[cut:], mask[cut:], cut
 
 
 def eval_rows(config: ConfigDict) -> int:
@@ -48,7 +48,7 @@ def eval_rows(config: ConfigDict) -> int:
 
 def _score(model: Decoder, sequences: list, config: ConfigDict) -> list[tuple[float, int] | None]:
     """Summed log-likelihood and token count of each sequence (None stays None)."""
-    present = [s for s in sequences if s is not None]
+    present = [s[:2] for s in sequences if s is not None]
     if not present:
         return [None] * len(sequences)
     sums, counts = sequence_logliks(model, present, config.data.seq_len, eval_rows(config),
@@ -67,10 +67,13 @@ def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigD
     records = [{"task": name, "template": ex.template, "held_out": ex.held_out, "target": ex.target,
                 "prompt": tokenizer.decode(prompt_ids(tokenizer, ex.messages[:-1]))} for name, ex in flat]
 
-    # Loss of the reference answers.
-    losses = _score(model, [_answer_sequence(tokenizer, ex, ex.target, seq_len, train_on) for _, ex in flat], config)
-    for record, scored in zip(records, losses):
+    # Loss of the reference answers. A prompt that does not fit a row with its answer loses
+    # its first tokens, as in training (few-shot exemplars make long prompts); counted.
+    references = [_answer_sequence(tokenizer, ex, ex.target, seq_len, train_on) for _, ex in flat]
+    losses = _score(model, references, config)
+    for record, reference, scored in zip(records, references, losses):
         record["loss_sum"], record["loss_tokens"] = (-scored[0], scored[1]) if scored else (0.0, 0)
+        record["prompt_tokens_cut"] = reference[2] if reference else 0
 
     # Rank classification: every option's log-likelihood, in one packed pass.
     ranked = [(i, ex) for i, (name, ex) in enumerate(flat) if specs[name].ranked and ex.options]
@@ -95,6 +98,7 @@ def evaluate(model: Decoder, tokenizer: PreTrainedTokenizerBase, config: ConfigD
                 if metric in metrics_lib.GENERATION_METRICS:
                     records[i][metric] = metrics_lib.score_generation(metric, prediction, ex.target, spec.normalize)
     results = aggregate(records, specs, registry)
+    results["prompts_cut"] = {"examples": sum(r["prompt_tokens_cut"] > 0 for r in records), "of": len(records)}
     results["records"] = records
     return results
 

@@ -163,6 +163,11 @@ def print_table(results: dict, step: int, console: Console | None = None) -> Non
     if not console.is_terminal:  # a log file: wide enough that names are not cut
         console = Console(width=max(console.width, 120), file=console.file)
     console.print(table)
+    cut = results.get("prompts_cut", {}).get("examples")
+    if cut:
+        console.print(f"{cut} of {results['prompts_cut']['of']} examples did not fit a row (data.seq_len) with "
+                      "their answer: their prompts lost their first tokens (eval/predictions: prompt_tokens_cut). "
+                      "Few-shot exemplars (eval.shots) lengthen prompts; raise data.seq_len or lower eval.shots.")
 
 
 def save_results(results: dict, step: int, workdir: Path, predictions: bool = True) -> None:

@@ -247,3 +247,20 @@ def test_a_window_of_the_first_step_alone_reports_no_speed_rather_than_zero(tmp_
     steps = [line for line in logged if "loss" in line]
     assert steps[0]["step"] == 1 and "tokens_per_sec" not in steps[0] and "tflops_per_device" not in steps[0]
     assert all(line["tokens_per_sec"] > 0 and line["tflops_per_device"] > 0 for line in steps[1:])
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("bench_generate.py", ["--hidden", "64"], "--hidden 64: expected a positive multiple of 256"),
+])
+def test_benchmark_tools_refuse_shapes_they_cannot_build(tool, args, message):
+    out = subprocess.run([sys.executable, f"tools/{tool}", *args], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert out.returncode == 2 and message in out.stderr
+
+
+@pytest.mark.parametrize("tool", ["bench_cpu_vs_torch.py", "bench_smollm2.py"])
+def test_benchmark_tools_describe_themselves_in_whole_sentences(tool):
+    out = subprocess.run([sys.executable, f"tools/{tool}", "--help"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}, timeout=300)
+    description = out.stdout.split("\n\n")[1]
+    assert out.returncode == 0 and description.rstrip().endswith(".")  # not cut at the docstring's first line

@@ -102,7 +102,7 @@ def cpu_model() -> str:
 
 def main() -> None:
     choose_platform()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--jit-tune-only", action="store_true", help="skip PyTorch (to compare XLA flags)")

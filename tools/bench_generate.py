@@ -30,12 +30,15 @@ from jit_tune.models.loading import load_hf_decoder
 def main() -> None:
     choose_platform()  # no libtpu probing on a machine without TPUs
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=512,
+                        help="a multiple of 256: heads of 64, a key-value head per 4 query heads")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
+    if args.hidden <= 0 or args.hidden % 256:
+        parser.error(f"--hidden {args.hidden}: expected a positive multiple of 256 (heads of 64, 4 per key-value head)")
 
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,

@@ -53,7 +53,7 @@ def summary(workdir: Path, baseline: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--dir", default="runs/bench_smollm2")
     parser.add_argument("--keep", action="store_true", help="reuse a variant's finished run instead of training it again")

@@ -4,6 +4,7 @@ answers are not trained, and the counts reach the log from worker processes too.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,8 @@ def test_data_inspect_skips_bad_records_and_names_them(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bad records skipped" in out and "say.jsonl:4: malformed JSON" in out
     assert "say.jsonl:10: missing field 'completion'" in out
+    # The packed rows and the counted examples are two samples, each named.
+    assert re.search(r"The first 8 batches, \d+ rows of \d+: .* Of the first 100 examples: 0 truncated", out)
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])

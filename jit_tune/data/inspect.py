@@ -109,6 +109,8 @@ def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, registr
         for lo, hi, count in zip(edges[:-1], edges[1:], histogram):
             console.print(f"{lo:>7}-{hi:<7} {'#' * int(60 * count / max(histogram.max(), 1))} {count}")
 
+    console.rule("Packing")
+    console.print(f"Packing {n_batches} batches ({d.packing_bins} open rows of {d.seq_len} tokens fill first) ...")
     rows = list(itertools.islice(iter(train_dataset(config, tokenizer, registry)), n_batches))
     segments = np.concatenate([b["segment_ids"] for b in rows])
     efficiency = float((segments > 0).mean())
@@ -124,10 +126,10 @@ def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, registr
         "bad_records": len(bad),
         "sampled": n_sample,
     }
-    console.rule("Packing")
-    console.print(f"{len(segments)} rows of {d.seq_len}: {efficiency:.1%} real tokens, {per_row:.1f} examples a row; "
-                  f"of {n_sample:,} sampled examples {truncated} truncated, {dropped} dropped as too long, "
-                  f"{untrained} dropped with no trained token, {len(bad)} bad records skipped", soft_wrap=True)
+    console.print(f"The first {n_batches} batches, {len(segments)} rows of {d.seq_len}: {efficiency:.1%} real tokens, "
+                  f"{per_row:.1f} examples a row. Of the first {n_sample:,} examples: {truncated} truncated, "
+                  f"{dropped} dropped as too long, {untrained} dropped with no trained token, {len(bad)} bad records "
+                  "skipped", soft_wrap=True)
     if bad:  # whole lines, so a file:line stays one searchable string
         console.print("The first bad records:\n  " + "\n  ".join(bad[:5]), soft_wrap=True, markup=False)
 

@@ -97,7 +97,9 @@ class DecoderConfig:
 
 class KVCache(NamedTuple):
     """Keys/values of every layer for slots [0, S), and which segment each slot holds
-    (0 = empty or padding). Decoding writes new tokens at slot `index`."""
+    (0 = empty or padding). Decoding writes new tokens at slot `index`: a prompt of
+    several tokens into an empty cache (the prefill, attended like a training row), then
+    one token a call."""
 
     k_LxBxSxKxH: jax.Array
     v_LxBxSxKxH: jax.Array
@@ -221,16 +223,18 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions_BxL, inv_freq)
 
         kv_segment, kv_slots, new_cache_kv = segment_ids_BxL, slots_L, None
-        if cache_kv is not None:  # decoding: write this step's keys/values, attend to all
-            k_cache, v_cache, kv_segment, start = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
-            kv_slots = jnp.arange(k.shape[1])
-            new_cache_kv = (k, v)
-
-        # Decoding's queries are a step or a prompt against cache slots: the reference takes
-        # any slots; the kernels assume training's (q and kv one sequence, slots = arange).
-        implementation = "xla" if cache_kv is not None else resolve(c.attention, c)
+        implementation = resolve(c.attention, c)
+        if cache_kv is not None:  # decoding: write this step's keys/values
+            k_cache, v_cache, cache_segment, start = cache_kv
+            new_cache_kv = (jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1),
+                            jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1))
+            # A prompt (several tokens) goes into an empty cache (KVCache): its queries see
+            # only its own keys, training's form, which the kernels take without the
+            # [B, K, G, L, S] scores. One new token attends to every cache slot with the
+            # reference, which takes any slots.
+            if q.shape[1] == 1:
+                k, v = new_cache_kv
+                kv_segment, kv_slots, implementation = cache_segment, jnp.arange(k.shape[1]), "xla"
         out = attention(q, k, v, segment_ids_BxL, kv_segment, slots_L, kv_slots,
                         window=c.sliding_window if self.sliding else 0, softcap=c.attn_softcap,
                         scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5, implementation=implementation)

@@ -128,15 +128,19 @@ def test_chunked_loss_on_a_sharded_mesh(smoke_config):
 def test_chunks_keep_a_fraction_of_the_memory_of_full_logits():
     """Full float32 logits of 8 x 256 tokens over 8,192 words are 64 MiB, and the
     backward pass keeps them (and the softmax); 32-token chunks need 8 MiB at a time."""
-    model = small_model(DecoderConfig(vocab_size=8192, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
-                                      mlp_dim=64))
-    batch = packed_batch(rows=8, length=256, vocab=8192)
-    temp = {}
-    with one_device():
-        for chunk in (0, 32):
-            compiled = loss_and_grads.lower(model, batch, 1, chunk, 0).compile()
-            temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    temp = temp_bytes(lambda model, batch, chunk: loss_and_grads.lower(model, batch, 1, chunk, 0),
+                      vocab=8192, rows=8, chunks=(0, 32))
     assert temp[32] < temp[0] / 3, temp
+
+
+def temp_bytes(lower, vocab: int, rows: int, chunks: tuple[int, ...]) -> dict[int, int]:
+    """Compiled temporaries of `lower(model, batch, chunk)` for each chunk: a one-layer
+    model over `vocab` words, `rows` packed rows of 256 tokens."""
+    model = small_model(DecoderConfig(vocab_size=vocab, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
+                                      mlp_dim=64))
+    batch = packed_batch(rows=rows, length=256, vocab=vocab)
+    with one_device():
+        return {chunk: lower(model, batch, chunk).compile().memory_analysis().temp_size_in_bytes for chunk in chunks}
 
 
 @pytest.mark.parametrize("final_softcap", [0.0, 5.0])
@@ -157,14 +161,7 @@ def test_evaluation_losses_in_chunks_keep_a_fraction_of_the_memory_of_full_logit
     (evaluation's batches once held them whole, and ran out of memory at long rows)."""
     from jit_tune.eval.scoring import segment_logliks
 
-    model = small_model(DecoderConfig(vocab_size=65536, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
-                                      mlp_dim=64))
-    batch = packed_batch(rows=4, length=256, vocab=65536)
-    temp = {}
-    with one_device():
-        for chunk in (0, 16):
-            compiled = segment_logliks.lower(model, batch, chunk).compile()
-            temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    temp = temp_bytes(segment_logliks.lower, vocab=65536, rows=4, chunks=(0, 16))
     assert temp[0] > 256 * 2**20 > 8 * temp[16], temp
 
 

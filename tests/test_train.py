@@ -117,7 +117,7 @@ def test_cli_train_twice_resumes_and_writes_the_workdir(tmp_path, capsys):
     assert "Evaluation at step 6" in first.out and "held-out" in first.out and "did not fit a row" not in first.out
     # Where the start-up goes: the packer's open rows fill before the first batch leaves.
     assert re.search(r"Packing the first batch: 256 open rows of 128 tokens fill first .*\n"
-                     r"First batch after \d+\.\d s\. Compiling the train step", first.err)
+                     r"First batch after \d+\.\d s\nCompiling the train step", first.err)
     for name in ("config.json", "metrics.jsonl", "eval/results.json", "tokenizer/tokenizer.json"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").iterdir())

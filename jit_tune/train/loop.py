@@ -204,8 +204,8 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                 tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
                 slots = local["segment_ids"].size * jax.process_count()
                 if first:
-                    progress.write(f"First batch after {time.monotonic() - waited:.1f} s. Compiling the train step "
-                                   "(the first step; once per process and shape)")
+                    progress.write(f"First batch after {time.monotonic() - waited:.1f} s")
+                    progress.write("Compiling the train step (the first step; once per process and shape)")
                 metrics = train_step(model, optimizer, mesh_lib.global_batch(local, mesh), t.microbatches,
                                      t.loss_chunk, len(tasks))
                 step += 1

@@ -14,8 +14,9 @@
 User mistakes (a bad config, a missing file, bad data) end with a one-paragraph message
 and exit code 2, never a traceback; a run whose loss or state stops being finite ends
 with exit code 3; SIGTERM ends with exit code 75 (training saves a checkpoint first;
-rerun to resume; see train/preemption.py for every phase); `compile` ends with exit
-code 4 when the step does not fit the chip's memory.
+rerun to resume; see train/preemption.py for every phase); running out of device or
+host memory, and `compile` finding that the step does not fit the chip's memory, end
+with exit code 4 and the settings that would use less.
 """
 
 from __future__ import annotations
@@ -23,12 +24,23 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import re
 import sys
 from pathlib import Path
 
 OVERRIDES_HELP = ("Any config field can be set after the flags: --config.section.field=value, e.g. "
                   "--config.optimizer.lr=3e-4 --config.data.mixture.sort=2.0 (a misspelt field is an error naming "
                   "the closest one).")
+# What uses less memory, by verb: said when a command runs out of it.
+EVAL_MEMORY = "evaluation needs less with a smaller eval.batch_size (rows scored and prompts decoded per call)"
+OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|out of memory", re.IGNORECASE)  # XLA's words on CPU, GPU, TPU
+LESS_MEMORY = {
+    "train": ("a training step needs less with a smaller data.batch_size or data.seq_len, more train.microbatches, "
+              "or model.remat='full' (`jit-tune compile` shows a step's memory before a launch); " + EVAL_MEMORY
+              + ". Checkpoints already saved are kept"),
+    "eval": EVAL_MEMORY,
+    "generate": "a shorter prompt or a smaller --max-new-tokens needs less",
+}
 SAVED_OVERRIDES_HELP = ("Fields of the run's saved config can be changed after the flags: "
                         "--config.section.field=value, e.g. --config.eval.examples_per_task=500.")
 
@@ -139,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from jit_tune.distributed import choose_platform
 
     choose_platform()
+    import jax
     # jit_tune uses transformers for tokenizers only; its "PyTorch was not found" advice
     # would mislead. Imported here so that `--help` answers without loading JAX.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -158,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"jit-tune {args.verb}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except jax.errors.JaxRuntimeError as e:
+        if not OUT_OF_MEMORY.search(str(e)):
+            raise
+        advice = LESS_MEMORY.get(args.verb)
+        print(f"jit-tune {args.verb}: error: out of memory on {jax.devices()[0].platform.upper()}: "
+              f"{str(e).strip().splitlines()[0]}" + (f"\n{advice[0].upper()}{advice[1:]}." if advice else ""),
+              file=sys.stderr)
+        return 4
 
 
 def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:

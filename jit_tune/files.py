@@ -86,6 +86,20 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def no_empty_folders_on_error(*paths: Path) -> Iterator[None]:
+    """A command that fails leaves no trace: those of `paths` (children after parents)
+    that did not exist before the block and are empty when it raises are removed."""
+    new = [Path(p) for p in paths if not Path(p).exists()]
+    try:
+        yield
+    except BaseException:
+        for path in reversed(new):
+            with contextlib.suppress(OSError):  # not empty (another process wrote there): kept
+                path.rmdir()
+        raise
+
+
 def is_main_process() -> bool:
     import jax  # here, so that writing a file does not load JAX (plotting, tools)
 

@@ -109,3 +109,22 @@ def test_a_command_on_a_cpu_machine_does_not_load_libtpu(tmp_path):
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "libtpu" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_rejected_run_leaves_no_empty_workdir_and_running_out_of_memory_says_what_uses_less(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    # Refused after the checkpoint folder is opened: 8 rows do not split into 3 microbatches.
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir),
+                 "--config.train.microbatches=3"]) == 2
+    assert "microbatches" in capsys.readouterr().err and not workdir.exists()
+    # A 64 x 2^34 MLP: its parameters alone ask the host for 4 TiB.
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir),
+                 "--config.model.mlp_dim=17179869184"]) == 4
+    err = capsys.readouterr().err
+    assert "jit-tune train: error: out of memory on CPU: " in err and "Out of memory allocating" in err, err[-3000:]
+    assert "train.microbatches" in err and "eval.batch_size" in err and "Traceback" not in err
+    mine = tmp_path / "mine"
+    mine.mkdir()  # a folder the user made is theirs: kept, even empty
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(mine),
+                 "--config.train.microbatches=3"]) == 2
+    assert mine.is_dir() and not any(mine.iterdir())

@@ -35,7 +35,7 @@ from jit_tune.data.streams import StreamsIterator
 from jit_tune.data.tokenizer import save_tokenizer
 from jit_tune.eval import evaluator, report
 from jit_tune.models.decoder import Decoder
-from jit_tune.files import written_by_main
+from jit_tune.files import no_empty_folders_on_error, written_by_main
 from jit_tune.train.checkpoint import Checkpointer
 from jit_tune.flops import peak_flops_per_device, training_flops_per_token
 from jit_tune.train.metrics import DataStats, Progress, TaskLosses, Throughput
@@ -130,7 +130,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     workdir = Path(workdir)
     SIGNALS.install()
     SIGNALS.stop_requested = SIGNALS.save_requested = False
-    with SIGNALS.in_phase("startup"):
+    with SIGNALS.in_phase("startup"), no_empty_folders_on_error(workdir, workdir / "checkpoints"):
         workdir.mkdir(parents=True, exist_ok=True)
         run = setup(config, workdir)
     registry, tokenizer, mesh, model = run.registry, run.tokenizer, run.mesh, run.model

@@ -200,6 +200,7 @@ def test_a_run_reads_and_indexes_each_task_file_once(tmp_path, monkeypatch):
     assert opened == [str(tmp_path / "labels.jsonl")]
 
 
+@pytest.mark.slow  # long rows: 25 s
 def test_evaluation_of_long_rows_fits_where_their_training_does(tmp_path):
     """Rows of 4,096 tokens, 2 a step. Evaluation once scored 128 such rows a pass with
     their whole float32 logits and asked for 38 GB; now it scores a training microbatch's

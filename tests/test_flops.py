@@ -114,6 +114,7 @@ def _refuses_a_448_gib_allocation() -> bool:
     return overcommit in ("0", "2") and kib < 400 * 2**20
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _refuses_a_448_gib_allocation(), reason="this host may grant 448 GiB (overcommit or memory)")
 def test_an_attention_that_runs_out_of_memory_is_reported_with_its_error(tmp_path):
     """The reference attention's [B, K, G, L, S] scores at 65,536 tokens (448 GiB): a real
@@ -188,6 +189,7 @@ def test_the_gpu_measurement_runs_the_parity_tests_then_each_attention_with_a_pr
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
 
 
+@pytest.mark.slow
 def test_a_profiler_that_fails_costs_the_step_figures_nothing(tmp_path, capsys):
     """The benchmark's figures stand when the profiler cannot trace (here another trace
     is running) or its trace cannot be read; each says so in one line."""

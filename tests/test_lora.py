@@ -174,7 +174,9 @@ def test_resume_is_exact_and_checks_the_base(tmp_path):
 
 
 # Qwen2 (tied embeddings, q/k/v biases) with scanned layers: stacked adapters export per layer.
-@pytest.mark.parametrize("family, targets, scan", [("llama", ALL_TARGETS, False), ("qwen2", "q|k|v|o|gate|up|down", True)])
+@pytest.mark.parametrize("family, targets, scan", [("llama", ALL_TARGETS, False),
+                                                   pytest.param("qwen2", "q|k|v|o|gate|up|down", True,
+                                                                marks=pytest.mark.slow)])
 def test_peft_adapter_and_merged_export_match_jit_tune(tmp_path, capsys, family, targets, scan):
     base = _hf_dir(tmp_path / "hf", family)
     config = _lora_config(tmp_path / "hf", f"--config.lora.targets={targets}", "--config.lora.alpha=8.0",
@@ -219,7 +221,7 @@ def test_peft_adapter_and_merged_export_match_jit_tune(tmp_path, capsys, family,
 
 # Relative L2 error of the logits against the float32 base: 4 bits cost ~9% per weight
 # (int8: 0.6%), which two random layers amplify about threefold.
-@pytest.mark.parametrize("kind, tolerance", [("int8", 0.03), ("nf4", 0.35)])
+@pytest.mark.parametrize("kind, tolerance", [pytest.param("int8", 0.03, marks=pytest.mark.slow), ("nf4", 0.35)])
 def test_qlora_is_close_to_the_base_trains_and_exports_dequantized(tmp_path, kind, tolerance):
     from jit_tune.models.loading import export_hf_decoder, load_hf_decoder
 

@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from jit_tune.cli import main
 from jit_tune.train.preemption import EXIT_PREEMPTED
 
@@ -59,6 +61,7 @@ def test_sigterm_during_start_up_stops_at_once_and_writes_nothing(tmp_path):
     assert not (workdir / "config.json").exists() and _checkpoints(workdir) == []
 
 
+@pytest.mark.slow  # a 20,000-example BPE corpus makes start-up long enough to signal
 def test_sigusr1_during_start_up_saves_at_the_first_step_boundary(tmp_path):
     workdir = tmp_path / "run"
     code, err = _run_and_signal(["train", *SMOKE, "--workdir", str(workdir), "--config.data.tokenizer=bpe",
@@ -100,6 +103,7 @@ def test_sigterm_during_the_final_eval_stops_and_a_rerun_evaluates(tmp_path, cap
     assert json.loads((workdir / "eval/results.json").read_text())["step"] == 6
 
 
+@pytest.mark.slow
 def test_sigusr1_during_the_final_eval_is_noted_and_the_eval_finishes(tmp_path):
     workdir = tmp_path / "run"
     code, err = _run_and_signal(["train", *SMOKE, "--workdir", str(workdir)], "Evaluating at step 6", signal.SIGUSR1)

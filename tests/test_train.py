@@ -31,8 +31,11 @@ def _losses(config, tokenizer, devices, steps=3):
     return losses
 
 
-@pytest.mark.parametrize("shape", [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8, "tensor": 1},
-                                   {"data": 1, "fsdp": 1, "tensor": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
+# The 2 x 2 x 2 mesh shards along every axis at once; each axis alone is left to `-m slow`.
+@pytest.mark.parametrize("shape", [pytest.param({"data": 8, "fsdp": 1, "tensor": 1}, marks=pytest.mark.slow),
+                                   pytest.param({"data": 1, "fsdp": 8, "tensor": 1}, marks=pytest.mark.slow),
+                                   pytest.param({"data": 1, "fsdp": 1, "tensor": 8}, marks=pytest.mark.slow),
+                                   {"data": 2, "fsdp": 2, "tensor": 2}])
 def test_loss_on_8_devices_equals_1_device(tokenizer, smoke_config, shape):
     assert len(jax.devices()) == 8
     # 8 heads of each kind, so that 8-way tensor parallelism splits them evenly.
@@ -59,7 +62,7 @@ def test_scan_layers_needs_identical_layers():
                                         "--config.model.sliding_window=8"])
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("devices", [pytest.param(1, marks=pytest.mark.slow), 8])
 def test_gradient_accumulation_equals_one_big_batch(tokenizer, smoke_config, devices):
     smoke_config.data.batch_size = 16
     whole = _losses(smoke_config, tokenizer, jax.devices()[:devices])
@@ -192,6 +195,7 @@ def test_data_streams_must_fit_the_processes_and_the_checkpoint(tmp_path, smoke_
         train(smoke_config, workdir)
 
 
+@pytest.mark.slow
 def test_remat_policies_keep_the_losses(tokenizer, smoke_config):
     """(Their memory savings are measured on a TPU compile: tests/test_aot.py.)"""
     losses = {}

@@ -173,6 +173,10 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
             writer.log(step_done, values)
             progress.log(values)
 
+    def save_checkpoint(step: int) -> None:
+        with throughput.excluded():  # its blocking part (device-to-host copy) is not training time
+            checkpointer.save(step, model, optimizer, data_iterator)
+
     try:
         with mesh_lib.use_mesh(config, mesh), SIGNALS.in_phase("training"):
             if step == 0 and config.eval.at_start:  # the run's baseline
@@ -188,8 +192,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                         in_flight = None
                     # SIGTERM before this process took a step has nothing new to save.
                     if checkpointer.latest_step() != step and not (stop_now and step == first_step - 1):
-                        with throughput.excluded():
-                            checkpointer.save(step, model, optimizer, data_iterator)
+                        save_checkpoint(step)
                         progress.write(f"step {step}: saved a checkpoint" + ("" if stop_now else " on demand (SIGUSR1)"))
                     if stop_now:
                         checkpointer.wait()
@@ -220,9 +223,8 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                 if save or step == first_step:
                     finish(in_flight)
                     in_flight = None
-                if save:  # its blocking part (device-to-host copy) is not training time
-                    with throughput.excluded():
-                        checkpointer.save(step, model, optimizer, data_iterator)
+                if save:
+                    save_checkpoint(step)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 and step != t.steps:
                     with SIGNALS.in_phase("eval"), throughput.excluded():
                         _evaluate(model, tokenizer, config, registry, step, workdir, writer, progress)

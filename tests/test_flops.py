@@ -203,17 +203,41 @@ def test_a_profiler_that_fails_costs_the_step_figures_nothing(tmp_path, capsys):
     config = load_config("configs/tiny.py:smoke")
     local = [packed_batch(rows=config.data.batch_size, length=config.data.seq_len, vocab=97, seed=i)
              for i in range(3)]
+    result, profiled_step = bench.measure(config, local, 1)
+    assert result["step_s"] > 0
     jax.profiler.start_trace(str(tmp_path / "another"))
     try:
-        result = bench.measure(config, local, 1, tmp_path / "trace")
+        failed = profiled_step(tmp_path / "trace")
     finally:
         jax.profiler.stop_trace()
-    assert result["step_s"] > 0 and result["profile_error"].startswith("RuntimeError: ")
-    bench.print_figures({**result, "tokens_per_sec": 1.0}, tmp_path / "trace")
-    assert f"profile: failed: {result['profile_error']}" in capsys.readouterr().out
-    del result["profile_error"]
-    bench.print_figures({**result, "tokens_per_sec": 1.0}, tmp_path / "no_trace_here")
+    assert failed["profile_error"].startswith("RuntimeError: ")
+    bench.print_profile(failed, tmp_path / "trace")
+    assert f"profile: failed: {failed['profile_error']}" in capsys.readouterr().out
+    bench.print_profile({}, tmp_path / "no_trace_here")
     assert f"profile: {tmp_path / 'no_trace_here'} could not be summarized: ValueError" in capsys.readouterr().out
+
+
+def test_the_step_figures_are_written_before_the_profile_runs(tmp_path, monkeypatch):
+    """A run killed while it profiles (a GPU call at its time limit) keeps each
+    implementation's figures: bench.json has them before the profiled step starts."""
+    import jax
+
+    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "tools" / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = []
+
+    def killed(directory, **_):
+        seen.append(json.loads((tmp_path / "bench.json").read_text()))
+        raise KeyboardInterrupt  # as a kill at this moment would end the run
+
+    monkeypatch.setattr(jax.profiler, "trace", killed)
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--config", "configs/tiny.py:smoke", "--steps", "1",
+                                      "--json", str(tmp_path / "bench.json"), "--profile", str(tmp_path / "trace")])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    [result] = seen[0]["results"]
+    assert result["step_s"] > 0 and result["tokens_per_sec"] > 0 and result["compile_s"] > 0
 
 
 def jax_version() -> str:

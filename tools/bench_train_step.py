@@ -78,13 +78,26 @@ def main() -> None:
     print(f"batch: {d.batch_size} x {d.seq_len}, real tokens/step: {tokens:,.0f}")
     print(f"pipeline (read, render, tokenize, pack, batch; with start-up): "
           f"{report['pipeline_tokens_per_sec']:,.0f} tokens/s")
+
+    def write_json() -> None:  # after each figure, so a crash keeps what was measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
     for config in configs:
         name = config.model.attention
         result = {"attention": name, "implementation": resolve(name, config.model)}
         profile = args.profile and (Path(args.profile) / name if args.attention else Path(args.profile))
         print(f"\n== attention: {label(result)}", flush=True)
+        report["results"].append(result)
         try:
-            result.update(measure(config, local, args.steps, profile))
+            measured, profiled_step = measure(config, local, args.steps)
+            result.update(measured, tokens_per_sec=tokens / measured["step_s"])
+            # Out before the profile, which can take minutes: a run killed then keeps them.
+            print_figures(result)
+            write_json()
+            if profile:
+                result.update(profiled_step(profile))
+                print_profile(result, profile)
         except Exception as e:  # noqa: BLE001: one implementation's failure must not cost the others' figures
             traceback.print_exc()
             line = first_line(e)
@@ -92,13 +105,9 @@ def main() -> None:
             result["error"] = f"out of device memory ({line})" if oom else f"{type(e).__name__}: {line}"
             print(f"failed: {result['error']}")
         finally:
+            profiled_step = None  # holds the model
             gc.collect()  # the last model's buffers, before the next one's
-        if "step_s" in result:
-            result["tokens_per_sec"] = tokens / result["step_s"]
-            print_figures(result, profile)
-        report["results"].append(result)
-        if args.json:  # after each implementation, so a crash keeps what was measured
-            Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json()
     if args.attention:
         print_table(report["results"])
     sys.exit(1 if any("error" in r for r in report["results"]) else 0)
@@ -114,15 +123,18 @@ def label(result: dict) -> str:
     return name + (f" ({result['implementation']})" if name == "auto" else "")
 
 
-def print_figures(result: dict, profile: Path | None) -> None:
+def print_figures(result: dict) -> None:
     print(f"params: {result['params'] / 1e6:.2f}M")
     print(f"compile + first step: {result['compile_s']:.1f} s")
     print(f"train step: {result['step_s'] * 1e3:.0f} ms, {result['tokens_per_sec']:,.0f} tokens/s")
     print(f"model FLOPs: {result['tflops_per_device']:.2f} TFLOP/s per device"
-          + (f", MFU {result['mfu']:.1%}" if "mfu" in result else ""))
+          + (f", MFU {result['mfu']:.1%}" if "mfu" in result else ""), flush=True)
+
+
+def print_profile(result: dict, profile: Path) -> None:
     if "profile_error" in result:
         print(f"profile: failed: {result['profile_error']}")
-    elif profile:
+    else:
         try:
             print_top_ops(profile)
         except Exception as e:  # noqa: BLE001: a trace that cannot be read costs only its summary
@@ -140,16 +152,17 @@ def print_table(results: list[dict]) -> None:
         print(f"{name:24s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_sec']:11,.0f} {r['tflops_per_device']:8.2f} {mfu:>6s}")
 
 
-def measure(config, local: list[dict], steps: int, profile: Path | None) -> dict:
+def measure(config, local: list[dict], steps: int):
     """Compile time, steady-state step time, TFLOP/s per device and MFU (where the peak is
-    known) of one model with `config` on the batches `local` (the first compiles)."""
+    known) of one model with `config` on the batches `local` (the first compiles); and a
+    function that traces one more step into a folder (its result: {} or the profiler's
+    error)."""
     mesh = mesh_lib.make_mesh(config)
     model, optimizer = create_model_and_optimizer(config, mesh)
     result = {"params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))}
+    step = functools.partial(train_step, microbatches=config.train.microbatches, loss_chunk=config.train.loss_chunk)
     with mesh_lib.use_mesh(config, mesh):
         start = time.perf_counter()
-        step = functools.partial(train_step, microbatches=config.train.microbatches,
-                                 loss_chunk=config.train.loss_chunk)
         jax.block_until_ready(step(model, optimizer, mesh_lib.global_batch(local[0], mesh)))
         result["compile_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -157,20 +170,23 @@ def measure(config, local: list[dict], steps: int, profile: Path | None) -> dict
             metrics = step(model, optimizer, mesh_lib.global_batch(batch, mesh))
         jax.block_until_ready(metrics)
         result["step_s"] = (time.perf_counter() - start) / steps
-        if profile:
-            try:  # the figures above stand whether or not the profiler works here
-                with jax.profiler.trace(str(profile), create_perfetto_trace=True):
-                    jax.block_until_ready(step(model, optimizer, mesh_lib.global_batch(local[-1], mesh)))
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                result["profile_error"] = f"{type(e).__name__}: {first_line(e)}"
     d = config.data
     flops = training_flops_per_token(decoder_config(config), d.seq_len) * d.batch_size * d.seq_len
     result["tflops_per_device"] = flops / result["step_s"] / jax.device_count() / 1e12
     peak = peak_flops_per_device(jax.devices()[0].device_kind)
     if peak:
         result["mfu"] = result["tflops_per_device"] * 1e12 / peak
-    return result
+
+    def profiled_step(directory: Path) -> dict:
+        try:  # the figures stand whether or not the profiler works here
+            with mesh_lib.use_mesh(config, mesh), jax.profiler.trace(str(directory), create_perfetto_trace=True):
+                jax.block_until_ready(step(model, optimizer, mesh_lib.global_batch(local[-1], mesh)))
+            return {}
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            return {"profile_error": f"{type(e).__name__}: {first_line(e)}"}
+
+    return result, profiled_step
 
 
 def print_top_ops(directory: Path, top: int = 15) -> None:

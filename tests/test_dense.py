@@ -46,13 +46,21 @@ def test_values_and_gradients_equal_the_einsum(spec, x_shape, w_shape, n_in, dty
     got, got_vjp = jax.jit(lambda x, w: jax.vjp(ours, x, w))(x, w)
     jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(ours, x, w)[1](cotangent))(x, w))
     assert (" rev[" in jaxpr) == (cpu_path and dtype == jnp.bfloat16)  # its row-major copies: the path named
-    assert ("optimization_barrier" in jaxpr) == (dtype == jnp.float32)  # float32's weight gradient: x^T copied
+    # Float32's weight gradient copies x^T; bfloat16's hand-written one copies the narrower
+    # of x and g, and with g, (g^T x)^T keeps the product from being folded back.
+    narrower_g = np.prod(want_shape(spec, x, w)[-(len(w_shape) - n_in):]) < np.prod(x_shape[-n_in:])
+    barrier = dtype == jnp.float32 or (cpu_path and narrower_g)
+    assert ("optimization_barrier" in jaxpr) == barrier
     want, want_vjp = jax.vjp(reference, x, w)
     assert got.shape == want.shape
     scale = float(jnp.abs(want).max())
     np.testing.assert_allclose(got, want, atol=tol * scale)
     for g, r in zip(got_vjp(cotangent), want_vjp(cotangent)):
         np.testing.assert_allclose(g, r, atol=tol * float(jnp.abs(r).max()))
+
+
+def want_shape(spec, x, w):
+    return jax.eval_shape(lambda: jnp.einsum(spec, x, w)).shape
 
 
 def test_the_result_dtype_and_float32_logits_from_bfloat16():

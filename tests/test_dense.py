@@ -63,6 +63,51 @@ def want_shape(spec, x, w):
     return jax.eval_shape(lambda: jnp.einsum(spec, x, w)).shape
 
 
+def dot_operand_dtypes(fn, *args) -> list[tuple[str, ...]]:
+    """The operand dtypes of every matrix product `fn` traces to, nested jaxprs included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        walk(sub.jaxpr)
+    walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)  # a new function: JAX caches traces by function
+    return found
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_a_widening_product_on_an_accelerator_takes_its_gradient_in_the_operands_dtype(platform, monkeypatch):
+    """The unembedding on a GPU or TPU: bfloat16 operands, float32 logits. Its backward's
+    two products take bfloat16 operands (JAX's own gradient takes the float32 cotangent
+    into both: on an H200, TF32 products), and equal float32's gradient within
+    bfloat16's rounding of the cotangent."""
+    x, w, key = _inputs((2, 6, 8), (8, 12))
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    cotangent = jax.random.normal(key, (2, 6, 12))
+
+    def pullback(x, w):
+        return jax.vjp(lambda x, w: dense(x, w, dtype=jnp.float32), x, w)[1](cotangent)
+
+    monkeypatch.setattr(dense_module, "host_bf16_dots", lambda: False)  # a CPU keeping JAX's own gradient
+    assert any("float32" in p for p in dot_operand_dtypes(pullback, xb, wb))
+    monkeypatch.setattr(dense_module, "platform", lambda: platform)
+    products = dot_operand_dtypes(pullback, xb, wb)  # the forward's and the backward's two
+    assert products == [("bfloat16", "bfloat16")] * 3, products
+    logits, vjp = jax.vjp(lambda x, w: dense(x, w, dtype=jnp.float32), xb, wb)
+    assert logits.dtype == jnp.float32
+    exact = jax.vjp(lambda x, w: jnp.einsum("bld,dv->blv", x, w), xb.astype(jnp.float32), wb.astype(jnp.float32))
+    np.testing.assert_allclose(logits, exact[0], rtol=1e-6, atol=1e-5)
+    for got, want in zip(vjp(cotangent), exact[1](cotangent)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * float(jnp.abs(want).max()))
+
+
 def test_the_result_dtype_and_float32_logits_from_bfloat16():
     x, w, _ = _inputs((2, 6, 8), (8, 12))
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)

@@ -25,7 +25,11 @@ a Zen 3 core pair). A transposed copy of the activations makes it a row-major ma
 YNNPACK takes (the benchmark model's float32 step 2-4% faster); g W^T already is one.
 TPU and GPU use the plain product and JAX's own gradient (accelerators' matmul units
 take any layout and accumulate in float32 anyway), except where the result is wider than
-the operands (`_widening_matmul`).
+the operands, as the unembedding's float32 logits from bf16: JAX's gradient would take
+the wide cotangent into both backward products (on an H200, the Llama-3.2-1B
+benchmark's two unembedding gradients ran as float32 TF32 products, 51 ms of a 367 ms
+step), so the same custom VJP casts it to the operands' dtype first, as PyTorch's
+autocast has it.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def hand_written(dtype) -> bool:
 
 
 def custom_backward(dtype) -> bool:
-    """Whether products in `dtype` take `_cpu_matmul`'s backward: on a CPU, float32 or
+    """Whether products in `dtype` take `_product`'s backward on a CPU: float32 or
     `hand_written`. bfloat16 without bfloat16 dots keeps JAX's (with float32's copy the
     benchmark model's step was 3% slower)."""
     return platform() == "cpu" and (jnp.dtype(dtype) == jnp.float32 or hand_written(dtype))
@@ -80,18 +84,20 @@ def row_major(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _cpu_matmul(x_TxI: jax.Array, w_IxO: jax.Array, dtype) -> jax.Array:
+def _product(x_TxI: jax.Array, w_IxO: jax.Array, dtype) -> jax.Array:
     return _matmul(x_TxI, w_IxO, dtype)
 
 
-def _cpu_matmul_fwd(x_TxI, w_IxO, dtype):
+def _product_fwd(x_TxI, w_IxO, dtype):
     return _matmul(x_TxI, w_IxO, dtype), (x_TxI, w_IxO)
 
 
-def _cpu_matmul_bwd(dtype, residuals, g_TxO):
+def _product_bwd(dtype, residuals, g_TxO):
     x_TxI, w_IxO = residuals
-    if hand_written(x_TxI.dtype):
+    if x_TxI.dtype != jnp.float32:  # the gradient in the compute dtype
         g_TxO = g_TxO.astype(x_TxI.dtype)
+        if not hand_written(x_TxI.dtype):  # an accelerator's widening product (module docstring)
+            return _matmul(g_TxO, w_IxO.T, x_TxI.dtype), _matmul(x_TxI.T, g_TxO, w_IxO.dtype)
         return (_matmul(g_TxO, row_major(w_IxO, (1, 0)), x_TxI.dtype),
                 _weight_grad(x_TxI, g_TxO, w_IxO.dtype))
     # Float32 (module docstring): only x^T is copied (copying the narrower of x and g,
@@ -115,7 +121,7 @@ def _weight_grad(x_TxI: jax.Array, g_TxO: jax.Array, dtype) -> jax.Array:
     return _matmul(row_major(x_TxI, (1, 0)), g_TxO, dtype)
 
 
-_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+_product.defvjp(_product_fwd, _product_bwd)
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, dtype=None) -> jax.Array:
@@ -126,33 +132,9 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, dtype=None) -> jax.Array:
     k = math.prod(ins)
     x_TxI, w_IxO = x.reshape(-1, k), w.astype(x.dtype).reshape(k, math.prod(outs))
     dtype = jnp.dtype(dtype or x.dtype)
-    if custom_backward(x.dtype):
-        y = _cpu_matmul(x_TxI, w_IxO, dtype)
-    elif dtype.itemsize > x.dtype.itemsize and platform() != "cpu":
-        y = _widening_matmul(x_TxI, w_IxO, dtype)
+    if custom_backward(x.dtype) or (platform() != "cpu" and dtype.itemsize > x.dtype.itemsize):
+        y = _product(x_TxI, w_IxO, dtype)
     else:
         y = jnp.matmul(x_TxI, w_IxO, preferred_element_type=dtype)
     return y.reshape(*lead, *outs)
 
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _widening_matmul(x_TxI: jax.Array, w_IxO: jax.Array, dtype) -> jax.Array:
-    """x W with a result wider than its operands (the unembedding's float32 logits from
-    bf16), whose gradient comes back in the operands' dtype, as PyTorch's autocast has it.
-    JAX's own backward would take the wide cotangent into both products: on an H200 the
-    Llama-3.2-1B benchmark's two unembedding gradients ran as float32 (TF32) products,
-    51 ms of a 367 ms step. Accelerators only: on a CPU, `custom_backward` decides."""
-    return _matmul(x_TxI, w_IxO, dtype)
-
-
-def _widening_matmul_fwd(x_TxI, w_IxO, dtype):
-    return _matmul(x_TxI, w_IxO, dtype), (x_TxI, w_IxO)
-
-
-def _widening_matmul_bwd(dtype, residuals, g_TxO):
-    x_TxI, w_IxO = residuals
-    g_TxO = g_TxO.astype(x_TxI.dtype)
-    return _matmul(g_TxO, w_IxO.T, x_TxI.dtype), _matmul(x_TxI.T, g_TxO, w_IxO.dtype)
-
-
-_widening_matmul.defvjp(_widening_matmul_fwd, _widening_matmul_bwd)

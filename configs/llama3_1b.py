@@ -2,8 +2,9 @@
 compute over float32 master weights: the GPU benchmark of the performance work (tokens/s,
 MFU and a profile of one step, for each attention implementation), on one device.
 
-    bash tools/bench_gpu.sh   # parity tests on the GPU, then every implementation and a profile
-    python tools/bench_train_step.py --config configs/llama3_1b.py --attention pallas_gpu,xla_chunked,xla
+    bash tools/bench_gpu.sh   # parity tests on the GPU, then the kernels, pallas_gpu's tiles, profiles
+    python tools/bench_train_step.py --config configs/llama3_1b.py --attention pallas_gpu,xla_chunked \
+        --variant "model.attention=pallas_gpu model.attention_blocks.q_dkv=64 ..."
 
 Random weights: the shape is what is measured. To fine-tune the real model, point
 model.init_from at a Llama-3.2-1B Hugging Face directory and data.* at your mixture.

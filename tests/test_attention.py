@@ -5,6 +5,7 @@ Pallas kernels run in interpret mode on CPU."""
 import dataclasses
 import importlib.util
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +28,16 @@ IMPLEMENTATIONS = {
     "xla_chunked_one_block": attn.xla_chunked,
     "splash": attn.splash,
     "pallas_gpu": attn.pallas_gpu,
+    # Tiles of their own (config.model.attention_blocks), several per pass over the padded row.
+    "splash_blocks": partial(attn.splash, blocks=attn.Blocks(q=128, kv=256, q_dkv=256, kv_dkv=128, q_dq=128)),
+    "pallas_gpu_blocks": partial(attn.pallas_gpu, blocks=attn.Blocks(q=64, kv=32, q_dkv=16, kv_dkv=32, q_dq=32,
+                                                                     kv_dq=64)),
 }
 CASES = [(0, 0.0), (8, 0.0), (0, 2.0), (8, 2.0)]  # (window, softcap)
 
 
 def _supports(name: str, window: int, softcap: float) -> bool:
-    return name != "pallas_gpu" or not (window or softcap)
+    return not name.startswith("pallas_gpu") or not (window or softcap)
 
 
 def _qkv(seed: int = 0):
@@ -124,7 +129,7 @@ def test_the_segment_check_catches_a_leak():
 @pytest.mark.parametrize("name", ["xla", *IMPLEMENTATIONS])
 def test_fully_padded_rows_give_no_nan(name):
     fn = attn.xla if name == "xla" else IMPLEMENTATIONS[name]
-    window, softcap = (0, 0.0) if name == "pallas_gpu" else (8, 2.0)
+    window, softcap = (0, 0.0) if name.startswith("pallas_gpu") else (8, 2.0)
     q, k, v = _qkv(2)
     segments = jnp.asarray(SEGMENTS).at[1].set(0)  # row 1: padding only
     cotangent = jnp.ones((B, L, N, H))  # padding outputs get gradients too
@@ -138,6 +143,30 @@ def test_pallas_gpu_refuses_window_and_softcap():
         with pytest.raises(ValueError, match="no sliding window or logit soft-cap"):
             attn.attention(q, k, v, SEGMENTS, SEGMENTS, SLOTS, SLOTS, window=window, softcap=softcap, scale=0.25,
                            implementation="pallas_gpu")
+
+
+def test_kernels_refuse_tiles_they_cannot_take():
+    q, k, v = _qkv()
+    run = partial(attn.attention, q, k, v, SEGMENTS, SEGMENTS, SLOTS, SLOTS, scale=0.25)
+    with pytest.raises(ValueError, match=r"attention_blocks q_dq = 32 and kv_dkv = 64: expected them equal"):
+        run(implementation="pallas_gpu", blocks=attn.Blocks(kv_dkv=64))  # q_dq keeps JAX's 32
+    with pytest.raises(ValueError, match=r"attention_blocks .*'q': 64.*expected multiples of 128"):
+        run(implementation="splash", blocks=attn.Blocks(q=64))
+
+
+def test_the_decoder_hands_its_tiles_to_the_kernel():
+    from jit_tune.config import load_config
+    from jit_tune.train.state import decoder_config
+
+    # "auto" (here xla_tiled) takes any tiles at load; on a GPU it would be pallas_gpu.
+    config = load_config(str(Path(__file__).parents[1] / "configs" / "tiny.py"),
+                         ["--config.model.attention_blocks.kv_dkv=64"])
+    blocks = decoder_config(config).attention_blocks
+    assert blocks == attn.Blocks(kv_dkv=64)
+    tokens, positions, segments = _packed_row()
+    model = _model(dataclasses.replace(CONFIG, attention="pallas_gpu", attention_blocks=blocks))
+    with pytest.raises(ValueError, match="q_dq = 32 and kv_dkv = 64"):  # the kernel saw them
+        model(tokens, positions, segments)
 
 
 def test_kernels_run_per_shard_under_a_mesh():
@@ -224,6 +253,25 @@ def test_config_names_every_implementation():
         config.model.update(bad)
         with pytest.raises(ConfigError, match="config.model.attention"):
             validate(config)
+
+
+@pytest.mark.parametrize("attention,blocks,field", [
+    ("auto", {"q": 48}, "q"), ("auto", {"kv": 8}, "kv"), ("auto", {"q_dkv": -32}, "q_dkv"),
+    ("auto", {"kv_dq": 24}, "kv_dq"), ("splash", {"q": 64}, "q"),
+    ("pallas_gpu", {"kv_dkv": 64, "q_dq": 128}, "q_dq"), ("pallas_gpu", {"kv_dkv": 64}, "q_dq")])
+def test_config_refuses_tiles_a_kernel_cannot_take(attention, blocks, field):
+    from jit_tune.config import ConfigError, default_config, validate
+
+    config = default_config()
+    config.model.attention = attention
+    config.model.attention_blocks.update(blocks)
+    with pytest.raises(ConfigError, match=rf"config.model.attention_blocks.{field} = .*expected"):
+        validate(config)
+    for good in ({}, {"q": 256, "kv": 128}, {"kv_dkv": 128, "q_dq": 128, "q_dkv": 16}):
+        config = default_config()
+        config.model.attention = "pallas_gpu"
+        config.model.attention_blocks.update(good)
+        validate(config)
 
 
 # ------------------------------------------------------------------------ the decoder

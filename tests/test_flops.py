@@ -135,6 +135,9 @@ def test_an_attention_that_runs_out_of_memory_is_reported_with_its_error(tmp_pat
 @pytest.mark.parametrize("args, message", [
     (["--attention", "xla_tiled,flash"], "config.model.attention = 'flash': expected auto, xla,"),
     (["--steps", "0"], "--steps 0: expected 1 or more timed steps"),
+    (["--variant", "model.attention_blocks.q=48"], "config.model.attention_blocks.q = 48: expected 0"),
+    (["--attention", "xla_tiled", "--variant", "model.remat=full --config.data.batch_size=2"],
+     "--variant 'model.remat=full data.batch_size=2' changes config.data: every case trains on the same batches"),
 ])
 def test_the_step_benchmark_refuses_bad_arguments_before_reading_data(args, message):
     out = _bench_train_step(*args)
@@ -158,11 +161,12 @@ def test_the_gpu_measurement_stops_first_where_jax_has_no_such_device(tmp_path):
 
 def test_the_gpu_measurement_runs_the_parity_tests_then_each_attention_with_a_profile(tmp_path):
     """tools/bench_gpu.sh as on a GPU machine, on CPU with the smoke model: the parity
-    tests it selects, then tools/bench_train_step.py on each implementation (the same
-    batches), with a trace of one more step of each and its top ops. Logs, figures and
-    traces land in $OUT; the table of implementations ends the output."""
+    tests it selects, then tools/bench_train_step.py on each implementation and each
+    variant (the same batches), with a trace of one more step of each and its top ops.
+    Logs, figures and traces land in $OUT; the table of implementations ends the output."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
-    env.update(OUT=str(tmp_path), CONFIG="configs/tiny.py:smoke", ATTENTION="xla_tiled,xla_chunked",
+    env.update(OUT=str(tmp_path), CONFIG="configs/tiny.py:smoke", ATTENTION="xla_tiled",
+               VARIANTS="model.attention=xla_chunked; model.remat=full train.loss_chunk=16",
                TESTS="catches_a_leak", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
     out = subprocess.run(["bash", "tools/bench_gpu.sh", "--steps", "2"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
@@ -170,17 +174,19 @@ def test_the_gpu_measurement_runs_the_parity_tests_then_each_attention_with_a_pr
     assert "1 passed" in (tmp_path / "attention_tests.log").read_text()
     assert f"jax {jax_version()}" in (tmp_path / "machine.txt").read_text()
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["attention"] for r in report["results"]] == ["xla_tiled", "xla_chunked"]
+    cases = [(r["attention"], r["variant"]) for r in report["results"]]
+    assert cases == [("xla_tiled", ""), ("xla_chunked", ""), ("auto", "model.remat=full train.loss_chunk=16")]
     for r in report["results"]:
         assert r["step_s"] > 0 and r["tokens_per_sec"] == pytest.approx(report["real_tokens_per_step"] / r["step_s"])
         assert "mfu" not in r  # no peak for a CPU
     rows = out.stdout.split("attention ")[-1].splitlines()
-    assert [row.split()[0] for row in rows[1:3]] == ["xla_tiled", "xla_chunked"]
-    assert [float(row.split()[2].replace(",", "")) for row in rows[1:3]] == pytest.approx(
+    assert [row.rsplit(None, 4)[0] for row in rows[1:4]] == [  # each label, then four figures
+        "xla_tiled", "xla_chunked", "auto (xla_tiled) remat=full,loss_chunk=16"]
+    assert [float(row.split()[-3].replace(",", "")) for row in rows[1:4]] == pytest.approx(
         [r["tokens_per_sec"] for r in report["results"]], abs=1)
-    assert rows[3].startswith("tests exit 0, benchmark exit 0")
+    assert rows[4].startswith("tests exit 0, benchmark exit 0")
     log = (tmp_path / "bench.log").read_text()
-    for name in ("xla_tiled", "xla_chunked"):
+    for name in ("xla_tiled", "xla_chunked", "auto_xla_tiled_remat_full_loss_chunk_16"):
         trace = tmp_path / "trace" / name
         assert list(trace.rglob("*.trace.json.gz")) and list(trace.rglob("*.xplane.pb"))
         ops = log.split(f"profile: {trace} (host ops, ")[1].split("\n\n")[0].splitlines()[1:]

@@ -11,15 +11,25 @@
 # An offline machine whose Python has JAX, Flax, Optax, Orbax and transformers but not
 # the rest of what the benchmark imports takes those from .whl/ (the second form, at the
 # versions this checkout's .venv runs), installed into a folder of their own, not over its
-# packages; a Python that has them all ignores .whl/. CONFIG, ATTENTION, TESTS (pytest -k)
-# and JAX_PLATFORMS (default cuda) change what runs; the tests run it on CPU with the
-# smoke model.
+# packages; a Python that has them all ignores .whl/. CONFIG, ATTENTION, VARIANTS (sets of
+# config overrides, "model.x=y ...", ";" between sets, each measured after ATTENTION's),
+# TESTS (pytest -k) and JAX_PLATFORMS (default cuda) change what runs; the tests run it on
+# CPU with the smoke model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/bench_gpu}
 CONFIG=${CONFIG:-configs/llama3_1b.py}
-ATTENTION=${ATTENTION:-pallas_gpu,xla_chunked,xla}  # the reference last: at 4k tokens it may not fit
+# Not the reference xla: at 4k tokens it holds 8.6 GB of scores a layer, and it did not
+# finish within a call's time on an H200 (ATTENTION=xla VARIANTS= measures it alone).
+ATTENTION=${ATTENTION:-pallas_gpu,xla_chunked}
+# pallas_gpu's backward tiles against JAX's 32 (its backward ran at 6x its forward on an
+# H200): 64 everywhere, FlashAttention-2's shape (the pass's outer blocks 128, inner 64),
+# 128 everywhere. q_dq must equal kv_dkv (models/attention.py).
+B=model.attention_blocks
+VARIANTS=${VARIANTS-"model.attention=pallas_gpu $B.q_dkv=64 $B.kv_dkv=64 $B.q_dq=64 $B.kv_dq=64;\
+model.attention=pallas_gpu $B.q_dkv=64 $B.kv_dkv=128 $B.q_dq=128 $B.kv_dq=64;\
+model.attention=pallas_gpu $B.q_dkv=128 $B.kv_dkv=128 $B.q_dq=128 $B.kv_dq=128"}
 TESTS=${TESTS:-match_the_reference or attends_across or fully_padded or equal_xla}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 NEEDED="grain array-record portpicker ml-collections tensorboardX cloudpickle"  # what a JAX image may lack
@@ -64,12 +74,15 @@ JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest tests/test_attention.py -q -p
 tests_rc=$?
 echo "exit $tests_rc: $(tail -n 1 "$OUT/attention_tests.log")"
 
-echo "== $CONFIG, attention $ATTENTION"
+echo "== $CONFIG, attention $ATTENTION${VARIANTS:+, and variants: $VARIANTS}"
+variants=()
+IFS=";" read -r -a sets <<< "$VARIANTS"
+for set in "${sets[@]}"; do [ -n "${set// }" ] && variants+=(--variant "$set"); done
 # The batches are read before the first step, so worker processes would only add start-up.
 $PY tools/bench_train_step.py --config "$CONFIG" --steps 10 --config.data.workers=0 --attention "$ATTENTION" \
-  --profile "$OUT/trace" --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1
+  "${variants[@]}" --profile "$OUT/trace" --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 # The figures and any error; each profile's top ops stay in bench.log.
-grep -v -E -e "^ +[0-9.,]+ ms +[0-9.]+% " -e "^profile: " "$OUT/bench.log" | tail -n 40
+grep -v -E -e "^ +[0-9.,]+ ms +[0-9.]+% " -e "^profile: " "$OUT/bench.log" | tail -n 80
 echo "tests exit $tests_rc, benchmark exit $bench_rc; logs in $OUT"
 exit $(( tests_rc || bench_rc ))

@@ -1,18 +1,22 @@
 """Throughput of the jitted train step and of the data pipeline, for a config.
 
     .venv/bin/python tools/bench_train_step.py --config configs/tiny.py [--steps 20] [--config.x=y ...]
-        [--attention xla_tiled,xla_chunked] [--profile DIR] [--json FILE]
+        [--attention xla_tiled,xla_chunked] [--variant "x.y=z ..."]... [--profile DIR] [--json FILE]
 
 Prints compile time, steady-state step time, tokens/s (non-padding tokens), TFLOP/s per
 device and MFU (model FLOPs of every token slot, jit_tune/flops.py; MFU on accelerators
 with a known peak), and the pipeline's own tokens/s, measured in the same process on the
 same batches. `--attention` measures several implementations one after another on the
-same batches (one model at a time) and ends with a table of them; one that fails (say,
-out of device memory) is reported with its error and the others still run, and the exit
-code is then 1. With `--profile DIR`, one more step of each runs under the JAX profiler:
-its trace goes to DIR/<attention> (DIR without --attention; open it in Perfetto or XProf)
-and the ops that took the most time are printed, summed by name (on an accelerator, its
-kernels). `--json FILE` writes the figures, after each implementation.
+same batches (one model at a time) and ends with a table of them; each `--variant`, a
+set of config overrides written as --config's without the prefix
+("model.attention_blocks.q_dkv=64 ..."; the batches' config.data must not change), is
+measured after them the same way. One that fails (say, out of device memory) is
+reported with its error and the others still run, and the exit code is then 1. With
+`--profile DIR`, one more step of each runs under the JAX profiler: its trace goes to
+DIR/<case> (its label in the table, "_" for spaces and signs; DIR itself for a single
+plain run; open it in Perfetto or XProf) and the ops that took the most time are
+printed, summed by name (on an accelerator, its kernels). `--json FILE` writes the
+figures, after each case.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import functools
 import gc
 import gzip
 import json
+import re
 import sys
 import time
 import traceback
@@ -49,15 +54,23 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.py")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--attention", help="comma-separated model.attention values to measure in turn")
+    parser.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
+                        help="space-separated config overrides, x.y=z, measured as one more case (repeatable)")
     parser.add_argument("--profile", metavar="DIR", help="trace one more step into DIR and print its top ops")
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     args, overrides = parser.parse_known_args()
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: expected 1 or more timed steps")
-    names = [n.strip() for n in args.attention.split(",") if n.strip()] if args.attention else [None]
+    names = [n.strip() for n in args.attention.split(",") if n.strip()] if args.attention else []
+    cases = [[f"--config.model.attention={n}"] for n in names] + [
+        [f"--config.{o.removeprefix('--config.')}" for o in v.split()] for v in args.variant]
     # Every config is loaded (and validated) before any data is read.
-    configs = [load_config(args.config, overrides + ([f"--config.model.attention={n}"] if n else [])) for n in names]
-    config = configs[0]
+    configs = [(load_config(args.config, overrides + case), variant_name(case)) for case in cases or [[]]]
+    config = configs[0][0]
+    for other, variant in configs[1:]:
+        if other.data != config.data:
+            parser.error(f"--variant {variant!r} changes config.data: every case trains on the same batches "
+                         "(measure other data settings in a run of their own)")
     tokenizer = train_builtin_tokenizer(config.data.tokenizer_vocab_size, config.data.builtin_seed)
     batches = iter(train_dataset(config, tokenizer, build_registry(config)))
 
@@ -83,10 +96,11 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
 
-    for config in configs:
+    for config, variant in configs:
         name = config.model.attention
-        result = {"attention": name, "implementation": resolve(name, config.model)}
-        profile = args.profile and (Path(args.profile) / name if args.attention else Path(args.profile))
+        result = {"attention": name, "implementation": resolve(name, config.model), "variant": variant}
+        case = re.sub(r"[^\w.-]+", "_", label(result)).strip("_")  # a folder's name
+        profile = args.profile and (Path(args.profile) / case if cases else Path(args.profile))
         print(f"\n== attention: {label(result)}", flush=True)
         report["results"].append(result)
         try:
@@ -108,7 +122,7 @@ def main() -> None:
             profiled_step = None  # holds the model
             gc.collect()  # the last model's buffers, before the next one's
         write_json()
-    if args.attention:
+    if cases:
         print_table(report["results"])
     sys.exit(1 if any("error" in r for r in report["results"]) else 0)
 
@@ -117,10 +131,18 @@ def first_line(error: Exception) -> str:
     return (str(error).splitlines() or [""])[0][:300]
 
 
+def variant_name(overrides: list[str]) -> str:
+    """A case's overrides but the attention's: "model.attention_blocks.q_dkv=64 ..."."""
+    return " ".join(o.removeprefix("--config.") for o in overrides if not o.startswith("--config.model.attention="))
+
+
 def label(result: dict) -> str:
-    """The attention as asked for, and what "auto" resolved to."""
+    """The attention as asked for, what "auto" resolved to, and the variant's overrides by
+    their last names ("q_dkv=64,kv_dkv=128")."""
     name = result["attention"]
-    return name + (f" ({result['implementation']})" if name == "auto" else "")
+    short = ",".join(f"{key.rsplit('.', 1)[-1]}={value}"
+                     for key, _, value in (o.partition("=") for o in result.get("variant", "").split()))
+    return name + (f" ({result['implementation']})" if name == "auto" else "") + (f" {short}" if short else "")
 
 
 def print_figures(result: dict) -> None:
@@ -142,14 +164,16 @@ def print_profile(result: dict, profile: Path) -> None:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'attention':24s} {'step ms':>9s} {'tokens/s':>11s} {'TFLOP/s':>8s} {'MFU':>6s}")
+    width = max(24, *(len(label(r)) for r in results))
+    print(f"\n{'attention':{width}s} {'step ms':>9s} {'tokens/s':>11s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for r in results:
         name = label(r)
         if "error" in r:
-            print(f"{name:24s} failed: {r['error'][:120]}")
+            print(f"{name:{width}s} failed: {r['error'][:120]}")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-        print(f"{name:24s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_sec']:11,.0f} {r['tflops_per_device']:8.2f} {mfu:>6s}")
+        print(f"{name:{width}s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_sec']:11,.0f} {r['tflops_per_device']:8.2f} "
+              f"{mfu:>6s}")
 
 
 def measure(config, local: list[dict], steps: int):

@@ -24,7 +24,8 @@ Not here: cuDNN through jax.nn.dot_product_attention. It takes no segment ids, s
 rows would attend across examples (MaxText issue 4476).
 
 Pallas kernels run in interpret mode where the mesh's platform is not theirs, so the
-tests run them on CPU. Mosaic and Triton kernels cannot be partitioned by the compiler:
+tests run them on CPU. Their tile sizes are `Blocks` (config.model.attention_blocks),
+each 0 by default: the kernel's own choice. Mosaic and Triton kernels cannot be partitioned by the compiler:
 under a mesh they run per shard in a shard_map over the batch (and heads) axes.
 
 Shape suffixes: B batch, L query length, S key length, N query heads, K key/value heads,
@@ -33,6 +34,7 @@ G = N // K, H head dim.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
@@ -50,6 +52,26 @@ MASKED = -1e30
 
 # config.model.attention = "auto" on a CPU host: one line, so a benchmark can change it.
 CPU_DEFAULT = "xla_tiled"
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes of the Pallas kernels (config.model.attention_blocks): queries and keys
+    per tile in the forward pass (q, kv), the dK/dV pass (q_dkv, kv_dkv) and the dQ pass
+    (q_dq, kv_dq). 0 keeps the kernel's default: splash the largest of 512, 256 and 128
+    that divides the padded length, everywhere; pallas_gpu JAX's BlockSizes, 128 forward
+    and 32 backward. Kernels tile a length padded to a multiple of every one."""
+
+    q: int = 0
+    kv: int = 0
+    q_dkv: int = 0
+    kv_dkv: int = 0
+    q_dq: int = 0
+    kv_dq: int = 0
+
+    def resolved(self, default) -> dict[str, int]:
+        """Each field, or `default(name)` where 0."""
+        return {f.name: getattr(self, f.name) or default(f.name) for f in dataclasses.fields(self)}
 
 
 def attention_mask(q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, window: int = 0) -> jax.Array:
@@ -257,13 +279,14 @@ def _training_layout(name: str, q_BxLxNxH, k_BxSxKxH) -> None:
                          f"packed evaluation, slots = arange), got L={q_BxLxNxH.shape[1]}, S={k_BxSxKxH.shape[1]}")
 
 
-def _splash_kernel(length: int, heads: int, window: int, softcap: float, interpret: bool):
+def _splash_kernel(length: int, heads: int, window: int, softcap: float, blocks: dict[str, int],
+                   interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    # Blocks as large as the padded length allows, up to 512: fewer grid steps.
-    block = next(b for b in (512, 256, 128) if length % b == 0)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = splash.BlockSizes(block_q=blocks["q"], block_kv=blocks["kv"], block_kv_compute=blocks["kv"],
+                              block_q_dkv=blocks["q_dkv"], block_kv_dkv=blocks["kv_dkv"],
+                              block_kv_dkv_compute=blocks["kv_dkv"], block_q_dq=blocks["q_dq"],
+                              block_kv_dq=blocks["kv_dq"])
     shape = (length, length)
     # Local (window - 1 back, 0 ahead) is causal too; the segment ids do the packing. Built
     # per trace (it holds arrays); splash caches the costly mask analysis itself.
@@ -273,7 +296,7 @@ def _splash_kernel(length: int, heads: int, window: int, softcap: float, interpr
 
 
 def splash(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, *,
-           window: int = 0, softcap: float = 0.0, scale: float) -> jax.Array:
+           window: int = 0, softcap: float = 0.0, scale: float, blocks: Blocks = Blocks()) -> jax.Array:
     """TPU splash attention, per batch row (vmap), GQA by its own grouping of query heads
     per kv head. Slots are taken to be arange (its masks are static)."""
     del q_slot_L, kv_slot_S
@@ -282,10 +305,18 @@ def splash(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slo
 
     l = q_BxLxNxH.shape[1]
     padded = -(-l // 128) * 128  # the kernel tiles by multiples of 128
+    # By default blocks as large as the padded length allows, up to 512: fewer grid steps.
+    default = next(b for b in (512, 256, 128) if padded % b == 0)
+    sizes = blocks.resolved(lambda _: default)
+    if any(size % 128 for size in sizes.values()):
+        raise ValueError(f"attention 'splash': config.model.attention_blocks {sizes}: expected multiples of 128 "
+                         "(a TPU tile's lanes), or 0 for the default")
+    tile = math.lcm(*sizes.values())
+    padded = -(-l // tile) * tile
     interpret = platform() != "tpu"
 
     def kernel(q, k, v, q_segment, kv_segment):
-        run = _splash_kernel(padded, q.shape[2], window, softcap, interpret)
+        run = _splash_kernel(padded, q.shape[2], window, softcap, sizes, interpret)
         # The kernel does not scale; padded tokens are segment 0, which sees itself, so no
         # row of the kernel is empty.
         q = (q * scale).astype(q.dtype)
@@ -298,7 +329,7 @@ def splash(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slo
 
 
 def pallas_gpu(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S, *,
-               window: int = 0, softcap: float = 0.0, scale: float) -> jax.Array:
+               window: int = 0, softcap: float = 0.0, scale: float, blocks: Blocks = Blocks()) -> jax.Array:
     """The Pallas Triton flash attention (causal, segment ids), with the kv heads repeated
     for GQA. Slots are taken to be arange; one segment-id array serves q and kv."""
     del q_slot_L, kv_slot_S, kv_segment_BxS
@@ -306,19 +337,35 @@ def pallas_gpu(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q
         raise ValueError(f"attention 'pallas_gpu' has no sliding window or logit soft-cap (window={window}, "
                          f"softcap={softcap}); use 'xla_chunked' (or 'auto')")
     _training_layout("pallas_gpu", q_BxLxNxH, k_BxSxKxH)
-    from jax.experimental.pallas.ops.gpu.attention import mha
+    from jax.experimental.pallas.ops.gpu.attention import BlockSizes, mha
 
+    default = BlockSizes.get_default()
+    sizes = blocks.resolved(lambda name: getattr(default, "block_k" if name == "kv" else f"block_{name}"))
+    check_pallas_gpu_blocks(sizes)
     l = q_BxLxNxH.shape[1]
-    padded = -(-l // 128) * 128  # its default blocks: 128 forward, 32 backward
+    tile = math.lcm(*sizes.values())
+    padded = -(-l // tile) * tile
     interpret = platform() != "gpu"
+    block_sizes = BlockSizes(block_q=sizes["q"], block_k=sizes["kv"], block_q_dkv=sizes["q_dkv"],
+                             block_kv_dkv=sizes["kv_dkv"], block_q_dq=sizes["q_dq"], block_kv_dq=sizes["kv_dq"])
 
     def kernel(q, k, v, segment, _):
         groups = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         q, k, v, segment = (_pad_length(x, padded) for x in (q, k, v, segment))
-        return mha(q, k, v, segment, sm_scale=scale, causal=True, interpret=interpret)[:, :l]
+        return mha(q, k, v, segment, sm_scale=scale, causal=True, block_sizes=block_sizes,
+                   interpret=interpret)[:, :l]
 
     return _per_shard(kernel, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, q_segment_BxL)
+
+
+def check_pallas_gpu_blocks(sizes: dict[str, int]) -> None:
+    """The Triton kernel's fused backward computes, for each key block of the dK/dV pass,
+    dQ of the query block with the same index: so q_dq must equal kv_dkv."""
+    if sizes["q_dq"] != sizes["kv_dkv"]:
+        raise ValueError(f"attention 'pallas_gpu': config.model.attention_blocks q_dq = {sizes['q_dq']} and "
+                         f"kv_dkv = {sizes['kv_dkv']}: expected them equal (its backward pass computes dQ of the "
+                         "query block with the index of its key block)")
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
@@ -328,13 +375,14 @@ CHOICES = ("auto", *IMPLEMENTATIONS)  # config.model.attention
 
 def attention(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, q_segment_BxL: jax.Array,
               kv_segment_BxS: jax.Array, q_slot_L: jax.Array, kv_slot_S: jax.Array, *, window: int = 0,
-              softcap: float = 0.0, scale: float, implementation: str) -> jax.Array:
+              softcap: float = 0.0, scale: float, implementation: str, blocks: Blocks = Blocks()) -> jax.Array:
     """Attention output [B, L, N, H] (N = K * G) by the named implementation ("auto" must be
-    resolved first: see `resolve`)."""
+    resolved first: see `resolve`); `blocks` are the Pallas kernels' tiles."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
+    tiles = {"blocks": blocks} if implementation in ("splash", "pallas_gpu") else {}
     return IMPLEMENTATIONS[implementation](q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L,
-                                           kv_slot_S, window=window, softcap=softcap, scale=scale)
+                                           kv_slot_S, window=window, softcap=softcap, scale=scale, **tiles)
 
 
 def resolve(name: str, config, backend: str | None = None) -> str:

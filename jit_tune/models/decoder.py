@@ -29,7 +29,7 @@ from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec
 
-from jit_tune.models.attention import attention, resolve, soft_cap
+from jit_tune.models.attention import Blocks, attention, resolve, soft_cap
 from jit_tune.models.dense import dense
 from jit_tune.models.lora import LoraConfig, adapter, add_adapter, embedding_delta, project
 from jit_tune.models.quantize import QuantizedWeight
@@ -84,6 +84,7 @@ class DecoderConfig:
     # running it (a saved "auto" picks the kernel of wherever the model is loaded). Cached
     # decoding always uses xla.
     attention: str = "xla"
+    attention_blocks: Blocks = Blocks()  # the Pallas kernels' tile sizes (0: the kernel's default)
     # LoRA adapters and the frozen base's storage (rank 0: none, full fine-tuning).
     lora: LoraConfig = LoraConfig()
 
@@ -237,7 +238,8 @@ class Attention(nnx.Module):
                 kv_segment, kv_slots, implementation = cache_segment, jnp.arange(k.shape[1]), "xla"
         out = attention(q, k, v, segment_ids_BxL, kv_segment, slots_L, kv_slots,
                         window=c.sliding_window if self.sliding else 0, softcap=c.attn_softcap,
-                        scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5, implementation=implementation)
+                        scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5, implementation=implementation,
+                        blocks=c.attention_blocks)
         return project(self, "o_NxHxD", "blnh,nhd->bld", out, c.lora, dropout_key), new_cache_kv
 
 

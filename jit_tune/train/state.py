@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from jit_tune import mesh as mesh_lib
+from jit_tune.models.attention import Blocks
 from jit_tune.models.decoder import Decoder, DecoderConfig
 from jit_tune.models.loading import init_from_directory, load_base_weights, load_hf_decoder, on_mesh
 from jit_tune.models.lora import LoraConfig, trainable
@@ -28,6 +29,7 @@ def decoder_config(config: ConfigDict) -> DecoderConfig:
     if "max_position_embeddings" in fields:  # a model trained from scratch serves what it was trained on
         values["max_position_embeddings"] = config.model.max_position_embeddings or config.data.seq_len
     values["lora"] = LoraConfig(**config.lora.to_dict(), seed=config.seed)
+    values["attention_blocks"] = Blocks(**config.model.attention_blocks.to_dict())
     return DecoderConfig(**values)
 
 

@@ -91,7 +91,9 @@ def test_tiled_bfloat16_values_and_gradients_are_near_the_float32_reference(wind
     tiled = partial(IMPLEMENTATIONS["xla_tiled"], q_segment_BxL=segments, kv_segment_BxS=segments, q_slot_L=SLOTS,
                     kv_slot_S=SLOTS, window=window, softcap=softcap, scale=H**-0.5)
     jaxpr = jax.make_jaxpr(lambda *qkv: jax.vjp(tiled, *qkv)[1](bf16[3]))(*bf16[:3])
-    assert (" rev[" in str(jaxpr)) == bf16_dots  # the row-major copies, where the case says
+    # The row-major copies (dense.row_major: dS and P [b, K, rows, keys] to keys-major, rows
+    # split into tiles), where the case says.
+    assert ("transpose[permutation=(0, 1, 4, 2, 3)]" in str(jaxpr)) == bf16_dots
     np.testing.assert_allclose(out.astype(jnp.float32) * real, ref * real, atol=0.03)
     for wrt, got, want in zip("qkv", grads, ref_grads):
         scale = float(jnp.abs(want).max())

@@ -4,6 +4,8 @@ gradient from a transposed copy; in bfloat16, the hand-written backward of CPUs 
 bfloat16 dots, and JAX's own elsewhere), whatever CPU runs the tests; row_major is the
 transpose it stands for; the CPU's bfloat16 dots are read from its cpuinfo."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +47,8 @@ def test_values_and_gradients_equal_the_einsum(spec, x_shape, w_shape, n_in, dty
 
     got, got_vjp = jax.jit(lambda x, w: jax.vjp(ours, x, w))(x, w)
     jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(ours, x, w)[1](cotangent))(x, w))
-    assert (" rev[" in jaxpr) == (cpu_path and dtype == jnp.bfloat16)  # its row-major copies: the path named
+    # Its row-major copies (row_major: [T, I] split to [T/t, t, I], moved as (2, 0, 1)): the path named.
+    assert ("transpose[permutation=(2, 0, 1)]" in jaxpr) == (cpu_path and dtype == jnp.bfloat16)
     # Float32's weight gradient copies x^T; bfloat16's hand-written one copies the narrower
     # of x and g, and with g, (g^T x)^T keeps the product from being folded back.
     narrower_g = np.prod(want_shape(spec, x, w)[-(len(w_shape) - n_in):]) < np.prod(x_shape[-n_in:])
@@ -134,14 +137,34 @@ def test_project_refuses_a_spec_dense_cannot_compute(spec):
         project(Layer(), "up_DxF", spec, jnp.ones((2, 8, 8)), LoraConfig())
 
 
-@pytest.mark.parametrize("axes", [(1, 0), (0, 2, 3, 1), (0, 2, 1, 3), (0, 2, 3, 1, 4), (0, 1, 3, 2)])
+@pytest.mark.parametrize("axes", [(1, 0), (0, 2, 3, 1), (0, 2, 1, 3), (0, 2, 3, 1, 4), (0, 1, 3, 2), (2, 0, 1)])
+@pytest.mark.parametrize("shape", [(12, 8, 64, 6, 10), (2, 3, 5, 7, 9)], ids=["tiles", "no-tile"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_row_major_is_the_transpose(axes, dtype, cpu_path):
-    # The bfloat16 form reverses an axis before and after: the wrong axis gives a wrong array.
-    shape = (2, 3, 4, 5, 6)[: len(axes)]
-    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+def test_row_major_is_the_transpose(axes, shape, dtype, cpu_path):
+    # The bfloat16 form splits an axis into tiles (no tile divides 2, 3, 5, 7 or 9: then
+    # it reverses the last axis around the transpose): a wrong index gives a wrong array.
+    x = jax.random.normal(jax.random.key(0), shape[: len(axes)]).astype(dtype)
     got = jax.jit(lambda x: row_major(x, axes))(x)
     np.testing.assert_array_equal(got, x.transpose(axes))
+    jaxpr = str(jax.make_jaxpr(lambda x: row_major(x, axes))(x))
+    hand_written = cpu_path and dtype == jnp.bfloat16
+    assert (" rev[" in jaxpr) == (hand_written and shape[0] == 2)
+    assert ("reshape[" in jaxpr) == (hand_written and shape[0] == 12)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or not host_bf16_dots(),
+                    reason="XLA upcasts every bfloat16 dot on a CPU without bfloat16 dot instructions")
+def test_the_bfloat16_backward_compiles_to_bfloat16_products_only():
+    """This XLA, on this CPU, runs every product of dense's bfloat16 backward in bfloat16:
+    none of row_major's copies was folded back into its dot (and upcast)."""
+    x = jax.random.normal(jax.random.key(0), (256, 96)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (96, 160)).astype(jnp.bfloat16)
+    grads = jax.jit(jax.grad(lambda x, w: jnp.square(dense(x, w, dtype=jnp.float32)).sum(), argnums=(0, 1)))
+    operands = []
+    for computation in grads.lower(x, w).compile().as_text().split("\n\n"):  # names are per computation
+        types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", computation))
+        operands += [(types[a], types[b]) for a, b in re.findall(r"\bdot\((%[\w.\-]+), (%[\w.\-]+)\)", computation)]
+    assert operands == [("bf16", "bf16")] * 3, operands  # forward, dx, dW
 
 
 @pytest.mark.parametrize("lines,expected", [

@@ -181,3 +181,24 @@ def test_a_long_prompt_fills_the_cache_without_the_whole_score_matrix():
     assert temp["xla"] > 64 * 2**20 and temp["xla_chunked"] < temp["xla"] / 4, temp
     assert temp["xla_tiled"] < temp["xla"] / 2, temp
     assert decoded["xla"] == decoded["xla_tiled"] == decoded["xla_chunked"]
+
+
+def test_rotary_tables_are_made_once_per_pass():
+    """The cos/sin tables: one per rope kind per forward pass (a sliding layers' own base
+    makes a second), not one per layer, nor recomputed inside the layers' fused rotations."""
+    from jit_tune.models.decoder import rope_tables
+
+    positions = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 40)), jnp.int32)
+    gemma3 = dataclasses.replace(CONFIG, rope_local_theta=10_000.0, rope_theta=1e6, sliding_window=8,
+                                 layer_types=("sliding", "full"))
+    full, sliding = rope_tables(gemma3, positions)
+    assert full.shape == (2, 40, CONFIG.head_dim) and not np.array_equal(full, sliding)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(1, 97, (2, 40)), jnp.int32)
+    segments = jnp.ones((2, 40), jnp.int32)
+    for config, tables in ((CONFIG, 1), (gemma3, 2)):
+
+        def loss(model):
+            return jnp.square(model(tokens, positions, segments)[0]).mean()
+
+        hlo = nnx.jit(nnx.grad(loss)).lower(_model(config)).compile().as_text()
+        assert hlo.count(" cosine(") == tables, config

@@ -13,7 +13,7 @@ bfloat16 matmul on its fast kernels (YNNPACK) only when both operands are row-ma
 to float32, at half the speed. So the gradient is cast back to the compute dtype (as
 PyTorch's autocast keeps it) and the transposed operands of the two backward products
 are materialized row-major: a plain transpose XLA folds into the dot (and upcasts), so
-it is written as reverse-transpose-reverse, which it computes. A CPU without them
+`row_major` writes it as a transpose of finer axes, which XLA copies. A CPU without them
 (AVX2 only) upcasts every bfloat16 dot, so there the copies only cost time (the
 benchmark model's bf16 step, 5.4-5.6 s hand-written against 4.4-4.6 s plain, on a
 Zen 3 EPYC): there bfloat16 keeps the plain product.
@@ -112,19 +112,18 @@ def _product_bwd(dtype, residuals, g_TxO):
                 _weight_grad(x_TxI, g_TxO, w_IxO.dtype))
     # Float32 (module docstring): only x^T is copied (copying the narrower of x and g,
     # as bfloat16 does, measured level on a Xeon and slower on a Zen 3). The barrier
-    # keeps XLA from folding the transpose back into the dot; row_major's reversals
-    # would too, but their copy runs slower in float32.
+    # keeps XLA from folding the transpose back into the dot.
     return (_matmul(g_TxO, w_IxO.T, x_TxI.dtype),
             _matmul(jax.lax.optimization_barrier(x_TxI.T), g_TxO, w_IxO.dtype))
 
 
 def _weight_grad(x_TxI: jax.Array, g_TxO: jax.Array, dtype) -> jax.Array:
     """x^T g, contracting the tokens, as a row-major bfloat16 product: the narrower of x
-    and g is copied token-last, for the copies cost more than the products they feed
-    (x^T of the MLP's down projection, [1024, 4096], took 16.5 ms, several times its
-    product, on a Xeon with AMX). With g the narrower, (g^T x)^T: the result's transpose
-    is weight-sized, and the barrier keeps XLA from folding it into the dot (which it
-    then cannot run in bfloat16)."""
+    and g is copied token-last, the fewer bytes (chosen when the copies were reversals,
+    and x^T of the MLP's down projection, [1024, 4096], took 16.5 ms on a Xeon with AMX;
+    by tiles, 1-2 ms, the two forms measure alike). With g the narrower, (g^T x)^T: the
+    result's transpose is weight-sized, and the barrier keeps XLA from folding it into
+    the dot (which it then cannot run in bfloat16)."""
     if g_TxO.shape[1] < x_TxI.shape[1]:
         dw_OxI = _matmul(row_major(g_TxO, (1, 0)), x_TxI, jnp.float32)
         return jax.lax.optimization_barrier(dw_OxI).T.astype(dtype)

@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 # models/attention.py's CHOICES, spelled out here so loading a config imports no JAX
 # (tests/test_attention.py checks that the two agree).
 ATTENTION_CHOICES = ("auto", "xla", "xla_tiled", "xla_chunked", "splash", "pallas_gpu")
+ATTENTION_TILES = ("q", "kv", "q_dkv", "kv_dkv", "q_dq", "kv_dq")  # the fields of its Blocks
 WANDB_MISSING = "wandb is not installed: pip install 'jit_tune[wandb]'"
 
 
@@ -91,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
     # queries and keys per tile of the forward pass (q, kv), the dK/dV pass (q_dkv, kv_dkv)
     # and the dQ pass (q_dq, kv_dq). Each 0 (the kernel's default) or a power of two from
     # 16; splash takes multiples of 128, and pallas_gpu needs q_dq = kv_dkv.
-    c.model.attention_blocks = ml_collections.ConfigDict(dict(q=0, kv=0, q_dkv=0, kv_dkv=0, q_dq=0, kv_dq=0))
+    c.model.attention_blocks = ml_collections.ConfigDict({tile: 0 for tile in ATTENTION_TILES})
 
     c.data = ml_collections.ConfigDict()
     # "builtin" (a BPE trained on the built-in tasks), "bpe" (a BPE trained on the
@@ -441,13 +442,16 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("model.attention", m.attention in ATTENTION_CHOICES and not (
           m.attention == "pallas_gpu" and (m.attn_softcap or (m.sliding_window and "sliding" in m.layer_types))),
           f"{', '.join(ATTENTION_CHOICES)} (pallas_gpu: no attn_softcap or sliding layers)")
+    check("model.attention_blocks", set(m.attention_blocks) == set(ATTENTION_TILES),
+          f"the tiles {', '.join(ATTENTION_TILES)}")
     for name, size in m.attention_blocks.items():
         check(f"model.attention_blocks.{name}", isinstance(size, int) and (size == 0 or (
               size >= (128 if m.attention == "splash" else 16) and size & (size - 1) == 0)),
               "0 (the kernel's default) or a power of two from " + ("128 (splash)" if m.attention == "splash" else "16"))
-    check("model.attention_blocks.q_dq", m.attention != "pallas_gpu" or m.attention_blocks.q_dq == m.attention_blocks.kv_dkv,
-          f"equal to model.attention_blocks.kv_dkv ({m.attention_blocks.kv_dkv}) for pallas_gpu, whose backward pass "
-          "computes dQ of the query block with the index of its key block")
+    q_dq, kv_dkv = m.attention_blocks.get("q_dq", 0), m.attention_blocks.get("kv_dkv", 0)
+    check("model.attention_blocks.q_dq", m.attention != "pallas_gpu" or q_dq == kv_dkv,
+          f"equal to model.attention_blocks.kv_dkv ({kv_dkv}) for pallas_gpu, whose backward pass computes dQ of "
+          "the query block with the index of its key block")
     check("model.param_dtype", m.param_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
     check("model.rope_theta", m.rope_theta > 0, "a positive number")
     check("model.rope_scaling", m.rope_scaling in ("default", "linear", "llama3"), "'default', 'linear' or 'llama3'")

@@ -241,11 +241,12 @@ def test_auto_resolves_by_backend(monkeypatch):
 def test_config_names_every_implementation():
     from jit_tune.config import ConfigError, default_config, validate
 
-    from jit_tune.config import ATTENTION_CHOICES
+    from jit_tune.config import ATTENTION_CHOICES, ATTENTION_TILES
 
     config = default_config()
     assert config.model.attention == "auto"
     assert ATTENTION_CHOICES == attn.CHOICES
+    assert ATTENTION_TILES == tuple(f.name for f in dataclasses.fields(attn.Blocks))
     for name in attn.CHOICES:
         config.model.attention = name
         validate(config)
@@ -268,6 +269,10 @@ def test_config_refuses_tiles_a_kernel_cannot_take(attention, blocks, field):
     config.model.attention = attention
     config.model.attention_blocks.update(blocks)
     with pytest.raises(ConfigError, match=rf"config.model.attention_blocks.{field} = .*expected"):
+        validate(config)
+    config = default_config()
+    config.model.attention_blocks = {"block_q": 128}  # a config file's whole dict, the kernel's spelling
+    with pytest.raises(ConfigError, match=r"(?s)config.model.attention_blocks = .*block_q.*expected the tiles q, kv, "):
         validate(config)
     for good in ({}, {"q": 256, "kv": 128}, {"kv_dkv": 128, "q_dq": 128, "q_dkv": 16}):
         config = default_config()

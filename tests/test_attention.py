@@ -16,6 +16,7 @@ from flax import nnx
 from jit_tune.models import attention as attn
 from jit_tune.models import dense as dense_module
 from jit_tune.models.decoder import Decoder, DecoderConfig
+from tests.test_dense import dot_operand_dtypes
 
 B, L, N, K, H = 2, 40, 4, 2, 16  # GQA: two query heads per kv head
 # Row 0: three segments of different lengths, then padding; row 1: left padding, two segments.
@@ -77,7 +78,8 @@ def test_values_and_gradients_match_the_reference(name, window, softcap):
 def test_tiled_bfloat16_values_and_gradients_are_near_the_float32_reference(window, softcap, bf16_dots,
                                                                             monkeypatch):
     # In bfloat16 on a CPU with bfloat16 dots xla_tiled's backward materializes transposes
-    # by hand (dense.row_major); on one without, it takes plain transposes. Both, anywhere.
+    # by hand (dense.row_major) and its products are bfloat16; on one without, it takes
+    # plain transposes and its products are float32, on upcast operands. Both, anywhere.
     monkeypatch.setattr(dense_module, "host_bf16_dots", lambda: bf16_dots)
     q, k, v = _qkv()
     segments = jnp.asarray(SEGMENTS)
@@ -94,6 +96,8 @@ def test_tiled_bfloat16_values_and_gradients_are_near_the_float32_reference(wind
     # The row-major copies (dense.row_major: dS and P [b, K, rows, keys] to keys-major, rows
     # split into tiles), where the case says.
     assert ("transpose[permutation=(0, 1, 4, 2, 3)]" in str(jaxpr)) == bf16_dots
+    products = set(dot_operand_dtypes(lambda *qkv: jax.vjp(tiled, *qkv)[1](bf16[3]), *bf16[:3]))
+    assert products == {("bfloat16", "bfloat16") if bf16_dots else ("float32", "float32")}, products
     np.testing.assert_allclose(out.astype(jnp.float32) * real, ref * real, atol=0.03)
     for wrt, got, want in zip("qkv", grads, ref_grads):
         scale = float(jnp.abs(want).max())

@@ -45,7 +45,7 @@ from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec as P
 
 from jit_tune.mesh import platform
-from jit_tune.models.dense import row_major
+from jit_tune.models.dense import matmul, row_major
 
 # A finite fill for masked logits: fully masked rows stay free of NaN (exp(0) = 1, not 0/0).
 MASKED = -1e30
@@ -178,7 +178,8 @@ def _spans(bounds: tuple[int, ...], window: int):
 
 # Its backward is written out (as flash attention's is) rather than left to autodiff: every
 # product is then a plain [M, K] x [K, N] matmul over the kv head's G * tile query rows, the
-# layout XLA's CPU backend runs in bfloat16 (see dense.py), and the softmax's gradient is
+# layout XLA's CPU backend runs in bfloat16 (dense.py; without bfloat16 dots, in float32 on
+# upcast operands: dense.matmul), and the softmax's gradient is
 # one pass, p * (dp - rowsum(dO * O)), over the probabilities the forward pass kept.
 @partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _tiled(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S,
@@ -198,14 +199,12 @@ def _tiled_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q
     outs, kept = [], []
     for start, end, first in _spans(bounds, window):
         rows, keys = g * (end - start), end - first
-        logits = jnp.matmul(q_BxKxGxLxH[:, :, :, start:end].reshape(b, kv_heads, rows, h),
-                            kt_BxKxHxS[..., first:end], preferred_element_type=jnp.float32)
+        logits = matmul(q_BxKxGxLxH[:, :, :, start:end].reshape(b, kv_heads, rows, h), kt_BxKxHxS[..., first:end])
         capped_BxKxGxLxS = soft_cap(logits.reshape(b, kv_heads, g, end - start, keys), softcap)
         mask_BxLxS = attention_mask(q_segment_BxL[:, start:end], kv_segment_BxS[:, first:end], q_slot_L[start:end],
                                     kv_slot_S[first:end], window)
         probs = jax.nn.softmax(jnp.where(mask_BxLxS[:, None, None], capped_BxKxGxLxS, MASKED), axis=-1)
-        outs.append(jnp.matmul(probs.astype(v_BxSxKxH.dtype).reshape(b, kv_heads, rows, keys),
-                               v_BxKxSxH[:, :, first:end], preferred_element_type=jnp.float32))
+        outs.append(matmul(probs.astype(v_BxSxKxH.dtype).reshape(b, kv_heads, rows, keys), v_BxKxSxH[:, :, first:end]))
         # The soft-cap's derivative needs the capped logits; masked keys have probability 0.
         kept.append((probs, capped_BxKxGxLxS if softcap else None))
     out_BxKxGxLxH = jnp.concatenate([o.reshape(b, kv_heads, g, -1, h) for o in outs], axis=3)
@@ -226,18 +225,16 @@ def _tiled_bwd(bounds, window, softcap, scale, residuals, dout_BxLxNxH):
     for (start, end, first), (probs, capped) in zip(_spans(bounds, window), kept):
         rows, keys = g * (end - start), end - first
         do = do_BxKxGxLxH[:, :, :, start:end].reshape(b, kv_heads, rows, h)
-        dp = jnp.matmul(do, vt_BxKxHxS[..., first:end], preferred_element_type=jnp.float32)
+        dp = matmul(do, vt_BxKxHxS[..., first:end])
         ds = probs * (dp.reshape(probs.shape) - delta_BxKxGxL[:, :, :, start:end, None])
         if softcap:  # d(cap * tanh(x / cap)) / dx = 1 - (capped / cap)^2
             ds = ds * (1 - jnp.square(capped / softcap))
         ds = ds.astype(dtype).reshape(b, kv_heads, rows, keys)
         p = probs.astype(dtype).reshape(b, kv_heads, rows, keys)
         q = q_BxKxGxLxH[:, :, :, start:end].reshape(b, kv_heads, rows, h)
-        dqs.append(jnp.matmul(ds, k_BxKxSxH[:, :, first:end], preferred_element_type=jnp.float32))
-        dk_BxKxSxH = dk_BxKxSxH.at[:, :, first:end].add(
-            jnp.matmul(row_major(ds, (0, 1, 3, 2)), q, preferred_element_type=jnp.float32))
-        dv_BxKxSxH = dv_BxKxSxH.at[:, :, first:end].add(
-            jnp.matmul(row_major(p, (0, 1, 3, 2)), do, preferred_element_type=jnp.float32))
+        dqs.append(matmul(ds, k_BxKxSxH[:, :, first:end]))
+        dk_BxKxSxH = dk_BxKxSxH.at[:, :, first:end].add(matmul(row_major(ds, (0, 1, 3, 2)), q))
+        dv_BxKxSxH = dv_BxKxSxH.at[:, :, first:end].add(matmul(row_major(p, (0, 1, 3, 2)), do))
     dq_BxKxGxLxH = jnp.concatenate([dq.reshape(b, kv_heads, g, -1, h) for dq in dqs], axis=3)
     dq = (dq_BxKxGxLxH.transpose(0, 3, 1, 2, 4) * scale).reshape(b, l, kv_heads * g, h)
     dk = dk_BxKxSxH.transpose(0, 2, 1, 3).astype(k_BxSxKxH.dtype)

@@ -16,7 +16,12 @@ are materialized row-major: a plain transpose XLA folds into the dot (and upcast
 `row_major` writes it as a transpose of finer axes, which XLA copies. A CPU without them
 (AVX2 only) upcasts every bfloat16 dot, so there the copies only cost time (the
 benchmark model's bf16 step, 5.4-5.6 s hand-written against 4.4-4.6 s plain, on a
-Zen 3 EPYC): there bfloat16 keeps the plain product.
+Zen 3 EPYC). There bfloat16 products run as float32 ones instead (`upcast`): the
+operands, as rounded to bfloat16, are upcast before each product, forward and backward,
+and take float32's path below, faster than the upcasting XLA does inside a bfloat16 dot
+(the benchmark model's bf16 step on an Ice Lake Xeon without bfloat16 dots, steps
+interleaved in one process: 4.01 s plain, 3.62 s upcast here, 3.42 s with xla_tiled
+attention's products upcast too, through `matmul`).
 
 Float32 on any CPU takes the same custom VJP for one reason: the weight gradient
 contracts the tokens, the leading axis of both of its operands, a dot XLA gives to Eigen
@@ -45,7 +50,11 @@ import jax.numpy as jnp
 from jit_tune.mesh import platform
 
 
-def _matmul(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """a @ b accumulated in float32, in `dtype`; bfloat16 operands are upcast first where
+    `upcast` says XLA would do it more slowly."""
+    if upcast(a.dtype):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
@@ -67,11 +76,10 @@ def hand_written(dtype) -> bool:
     return jnp.dtype(dtype) != jnp.float32 and platform() == "cpu" and host_bf16_dots()
 
 
-def custom_backward(dtype) -> bool:
-    """Whether products in `dtype` take `_product`'s backward on a CPU: float32 or
-    `hand_written`. bfloat16 without bfloat16 dots keeps JAX's (with float32's copy the
-    benchmark model's step was 3% slower)."""
-    return platform() == "cpu" and (jnp.dtype(dtype) == jnp.float32 or hand_written(dtype))
+def upcast(dtype) -> bool:
+    """Whether products in `dtype` run as float32 products: below float32, traced for a
+    CPU whose host has no bfloat16 dot instructions (module docstring)."""
+    return jnp.dtype(dtype) != jnp.float32 and platform() == "cpu" and not host_bf16_dots()
 
 
 def row_major(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -95,26 +103,28 @@ def row_major(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _product(x_TxI: jax.Array, w_IxO: jax.Array, dtype) -> jax.Array:
-    return _matmul(x_TxI, w_IxO, dtype)
+    return matmul(x_TxI, w_IxO, dtype)
 
 
 def _product_fwd(x_TxI, w_IxO, dtype):
-    return _matmul(x_TxI, w_IxO, dtype), (x_TxI, w_IxO)
+    return matmul(x_TxI, w_IxO, dtype), (x_TxI, w_IxO)
 
 
 def _product_bwd(dtype, residuals, g_TxO):
     x_TxI, w_IxO = residuals
     if x_TxI.dtype != jnp.float32:  # the gradient in the compute dtype
         g_TxO = g_TxO.astype(x_TxI.dtype)
-        if not hand_written(x_TxI.dtype):  # an accelerator's widening product (module docstring)
-            return _matmul(g_TxO, w_IxO.T, x_TxI.dtype), _matmul(x_TxI.T, g_TxO, w_IxO.dtype)
-        return (_matmul(g_TxO, row_major(w_IxO, (1, 0)), x_TxI.dtype),
-                _weight_grad(x_TxI, g_TxO, w_IxO.dtype))
-    # Float32 (module docstring): only x^T is copied (copying the narrower of x and g,
-    # as bfloat16 does, measured level on a Xeon and slower on a Zen 3). The barrier
-    # keeps XLA from folding the transpose back into the dot.
-    return (_matmul(g_TxO, w_IxO.T, x_TxI.dtype),
-            _matmul(jax.lax.optimization_barrier(x_TxI.T), g_TxO, w_IxO.dtype))
+        if hand_written(x_TxI.dtype):
+            return (matmul(g_TxO, row_major(w_IxO, (1, 0)), x_TxI.dtype),
+                    _weight_grad(x_TxI, g_TxO, w_IxO.dtype))
+        if not upcast(x_TxI.dtype):  # an accelerator's widening product (module docstring)
+            return matmul(g_TxO, w_IxO.T, x_TxI.dtype), matmul(x_TxI.T, g_TxO, w_IxO.dtype)
+    # Float32, or upcast from bfloat16 (module docstring): only x^T is copied (copying the
+    # narrower of x and g, as bfloat16 does, measured level on a Xeon and slower on a
+    # Zen 3). The barrier keeps XLA from folding the transpose back into the dot.
+    x32_TxI, w32_IxO, g32_TxO = (a.astype(jnp.float32) for a in (x_TxI, w_IxO, g_TxO))
+    return (matmul(g32_TxO, w32_IxO.T, x_TxI.dtype),
+            matmul(jax.lax.optimization_barrier(x32_TxI.T), g32_TxO, w_IxO.dtype))
 
 
 def _weight_grad(x_TxI: jax.Array, g_TxO: jax.Array, dtype) -> jax.Array:
@@ -125,9 +135,9 @@ def _weight_grad(x_TxI: jax.Array, g_TxO: jax.Array, dtype) -> jax.Array:
     result's transpose is weight-sized, and the barrier keeps XLA from folding it into
     the dot (which it then cannot run in bfloat16)."""
     if g_TxO.shape[1] < x_TxI.shape[1]:
-        dw_OxI = _matmul(row_major(g_TxO, (1, 0)), x_TxI, jnp.float32)
+        dw_OxI = matmul(row_major(g_TxO, (1, 0)), x_TxI, jnp.float32)
         return jax.lax.optimization_barrier(dw_OxI).T.astype(dtype)
-    return _matmul(row_major(x_TxI, (1, 0)), g_TxO, dtype)
+    return matmul(row_major(x_TxI, (1, 0)), g_TxO, dtype)
 
 
 _product.defvjp(_product_fwd, _product_bwd)
@@ -141,7 +151,7 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, dtype=None) -> jax.Array:
     k = math.prod(ins)
     x_TxI, w_IxO = x.reshape(-1, k), w.astype(x.dtype).reshape(k, math.prod(outs))
     dtype = jnp.dtype(dtype or x.dtype)
-    if custom_backward(x.dtype) or (platform() != "cpu" and dtype.itemsize > x.dtype.itemsize):
+    if platform() == "cpu" or dtype.itemsize > x.dtype.itemsize:
         y = _product(x_TxI, w_IxO, dtype)
     else:
         y = jnp.matmul(x_TxI, w_IxO, preferred_element_type=dtype)

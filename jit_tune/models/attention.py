@@ -178,9 +178,9 @@ def _spans(bounds: tuple[int, ...], window: int):
 
 # Its backward is written out (as flash attention's is) rather than left to autodiff: every
 # product is then a plain [M, K] x [K, N] matmul over the kv head's G * tile query rows, the
-# layout XLA's CPU backend runs in bfloat16 (dense.py; without bfloat16 dots, in float32 on
-# upcast operands: dense.matmul), and the softmax's gradient is
-# one pass, p * (dp - rowsum(dO * O)), over the probabilities the forward pass kept.
+# layout XLA's CPU backend runs in bfloat16 (dense.py; without bfloat16 dots, dense.matmul
+# runs it in float32 on upcast operands), and the softmax's gradient is one pass,
+# p * (dp - rowsum(dO * O)), over the probabilities the forward pass kept.
 @partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _tiled(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxL, kv_segment_BxS, q_slot_L, kv_slot_S,
            bounds, window, softcap, scale):

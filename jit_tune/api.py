@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from jit_tune import mesh as mesh_lib
 from jit_tune.config import ConfigError, apply_override, config_from_dict, default_config, load_config, validate
-from jit_tune.files import atomic_directory, written_by_main
+from jit_tune.files import atomic_directory, mark_output, replaceable_output, written_by_main
 from jit_tune.data.render import prompt_ids
 from jit_tune.data.registry import build_registry
 from jit_tune.data.tokenizer import saved_tokenizer
@@ -139,9 +139,8 @@ def export_workdir(workdir: str | Path, out: str | Path, step: int | None = None
     out = Path(out)
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype {dtype}: expected float32 or bfloat16")
-    earlier = (out / "model.safetensors.index.json").is_file() or (out / "adapter_config.json").is_file()
-    if out.exists() and any(out.iterdir()) and not earlier:
-        raise ConfigError(f"--out {out}: exists and is not an earlier export; give a new directory")
+    if refused := replaceable_output(out, "export"):
+        raise ConfigError(refused)
     if out.resolve() in (Path(workdir).resolve(), *Path(workdir).resolve().parents):
         raise ConfigError(f"--out {out}: is the workdir {workdir} or holds it; give a directory inside or beside it")
     config, tokenizer, model, step, _ = load_workdir(workdir, overrides, step)
@@ -157,6 +156,7 @@ def export_workdir(workdir: str | Path, out: str | Path, step: int | None = None
                     export_hf_decoder(model, directory, config.model.family, special, dtype=dtype)
                     GenerationConfig(**special).save_pretrained(directory)
                 tokenizer.save_pretrained(directory)
+                mark_output(directory, "export")
     return out
 
 

@@ -64,6 +64,27 @@ def atomic_write_json(path: str | Path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+# Written into every directory jit_tune replaces whole (export, convert): only a directory
+# holding it may be replaced, so a model directory that merely looks like an export (a
+# run's own init_from, say) is never deleted by one.
+OUTPUT_MARKER = ".jit_tune_output"
+
+
+def replaceable_output(out: Path, kind: str) -> str | None:
+    """Why `out` may not be replaced by a new `kind` ("export", "conversion"), or None:
+    it must not exist, be an empty directory, or hold an earlier one (its marker)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: is a file; give a directory"
+    if out.is_dir() and any(out.iterdir()) and not (out / OUTPUT_MARKER).is_file():
+        return (f"--out {out}: exists and is not an earlier jit_tune {kind} (it has no {OUTPUT_MARKER}); "
+                "give a new directory")
+    return None
+
+
+def mark_output(directory: Path, kind: str) -> None:
+    (directory / OUTPUT_MARKER).write_text(json.dumps({"written_by": f"jit-tune {kind}"}) + "\n")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yields a temporary directory to fill; on success it replaces `path` (an existing

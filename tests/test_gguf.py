@@ -204,3 +204,13 @@ def test_smollm2_config_tunes_the_real_model_with_lora_and_exports_a_peft_adapte
     adapter = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert adapter["r"] == 16 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj"}
+
+
+def test_convert_replaces_only_its_own_earlier_conversions(tmp_path):
+    source, model = tmp_path / "tiny.gguf", tmp_path / "hf"
+    _write_gguf(source)
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # a model dir of the user's, not a conversion
+    with pytest.raises(jit_gguf.GGUFError, match=f"--out {model}: exists and is not an earlier jit_tune conversion"):
+        jit_gguf.convert_gguf(source, model)
+    assert [p.name for p in model.iterdir()] == ["config.json"]

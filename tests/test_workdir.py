@@ -198,3 +198,22 @@ def test_an_export_killed_at_any_moment_leaves_a_whole_export_or_none(tmp_path):
     assert main(["export", "--workdir", str(workdir), "--out", str(out)]) == 0
     assert transformers.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 512
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no half-written leftovers
+
+
+def test_export_replaces_only_its_own_earlier_exports(tmp_path, capsys):
+    """A Hugging Face model dir (a run's own init_from, say) looks like an export but holds
+    no export marker: export refuses it, and a file as --out, and leaves both as they were."""
+    model = tmp_path / "base"
+    model.mkdir()
+    files = {"config.json": b"{}", "model.safetensors.index.json": b"{}", "README.md": b"mine"}
+    for name, data in files.items():
+        (model / name).write_bytes(data)
+    assert main(["export", "--workdir", str(tmp_path / "run"), "--out", str(model)]) == 2
+    error = capsys.readouterr().err
+    assert f"--out {model}: exists and is not an earlier jit_tune export" in error and "Traceback" not in error
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine\n")
+    assert main(["export", "--workdir", str(tmp_path / "run"), "--out", str(afile)]) == 2
+    assert f"--out {afile}: is a file; give a directory" in capsys.readouterr().err
+    assert afile.read_text() == "mine\n"

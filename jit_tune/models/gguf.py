@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from jit_tune.config import ConfigError
-from jit_tune.files import atomic_directory
+from jit_tune.files import atomic_directory, mark_output, replaceable_output
 
 MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 INSTALL_HINT = "pip install 'jit_tune[gguf]'"
@@ -40,8 +40,8 @@ def convert_gguf(path: Path, out: Path, dtype: str = "float32") -> Path:
     if dtype not in DTYPES:
         raise GGUFError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     _check_gguf(path)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise GGUFError(f"--out {out}: exists and is not an earlier conversion; give a new directory")
+    if refused := replaceable_output(out, "conversion"):
+        raise GGUFError(refused)
     missing = [name for name in ("gguf", "torch", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise GGUFError(f"{path}: reading a GGUF file needs {' and '.join(missing)}: {INSTALL_HINT}")
@@ -78,6 +78,7 @@ def convert_gguf(path: Path, out: Path, dtype: str = "float32") -> Path:
         tokenizer.save_pretrained(directory)
         _drop_tokens_beyond(directory, config.vocab_size)
         GenerationConfig(**special).save_pretrained(directory)
+        mark_output(directory, "conversion")
     return out
 
 

@@ -86,3 +86,17 @@ def test_export_refuses_a_model_its_family_cannot_express(family, fields, lost):
                            mlp_dim=128, **fields)
     with pytest.raises(hf.HFConfigError, match=f"cannot express this model: .*{lost}"):
         hf.hf_config_from_decoder(config, family, {})
+
+
+def test_gemma3_sliding_layers_without_a_local_base_export_the_full_layers_rope():
+    """rope_local_theta 0: the sliding layers rotate as the full ones do. transformers reads
+    a Gemma 3 config without a sliding_attention rope as a local base of 10,000, so the
+    export writes it out; a scaled rope it cannot give sliding layers is refused."""
+    fields = dict(vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
+                  sliding_window=4, layer_types=("sliding", "full"), rope_theta=1e6, embed_scale=True,
+                  mlp_activation="gelu_tanh", norm_offset=1.0, post_norms=True, qk_norm=True)
+    written = hf.hf_config_from_decoder(DecoderConfig(**fields), "gemma3_text", {})
+    read = transformers.Gemma3TextConfig(**written).rope_parameters
+    assert read["sliding_attention"]["rope_theta"] == read["full_attention"]["rope_theta"] == 1e6
+    with pytest.raises(hf.HFConfigError, match="sliding_attention"):
+        hf.hf_config_from_decoder(DecoderConfig(**fields, rope_scaling="linear", rope_factor=2.0), "gemma3_text", {})

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from jit_tune.config import ConfigError
 from jit_tune.models.decoder import DecoderConfig
 
 FAMILIES = {
@@ -66,7 +67,7 @@ _METADATA = {
 }
 
 
-class HFConfigError(ValueError):
+class HFConfigError(ConfigError):  # a user error: the CLI prints it, no traceback
     pass
 
 
@@ -209,9 +210,11 @@ def hf_config_from_decoder(config: DecoderConfig, family: str, special_ids: dict
         rope.update(factor=config.rope_factor, low_freq_factor=config.rope_low_freq_factor,
                     high_freq_factor=config.rope_high_freq_factor,
                     original_max_position_embeddings=config.rope_original_max_position)
-    if config.rope_local_theta and family == "gemma3_text":
-        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default",
-                                                              "rope_theta": config.rope_local_theta}}
+    if family == "gemma3_text" and (config.rope_local_theta or "sliding" in config.layer_types):
+        # One rope per layer type. Without rope_local_theta the sliding layers rotate as the
+        # full ones do, so written out: an omitted local rope reloads as a base of 10,000.
+        local = {"rope_type": "default", "rope_theta": config.rope_local_theta} if config.rope_local_theta else rope
+        rope = {"full_attention": rope, "sliding_attention": dict(local)}
     extra = {}
     if config.max_position_embeddings:  # else transformers' class default, which may be anything
         extra["max_position_embeddings"] = config.max_position_embeddings
@@ -259,6 +262,8 @@ def _check_expresses(config: DecoderConfig, hf: dict, arch: str) -> None:
         fields["query_pre_attn_scalar"] = fields["query_pre_attn_scalar"] or config.head_dim
         fields["layer_types"] = tuple(fields["layer_types"])
         fields["sliding_window"] = fields["sliding_window"] if "sliding" in fields["layer_types"] else 0
+        if not fields["rope_local_theta"] and fields["rope_scaling"] == "default":  # the full layers' rope
+            fields["rope_local_theta"] = fields["rope_theta"]
     lost = {k: (ours[k], v) for k, v in back.items() if ours[k] != v}
     if lost:
         raise HFConfigError(f"{arch} cannot express this model: " + ", ".join(

@@ -167,6 +167,34 @@ def test_resume_with_an_incompatible_config_is_a_clear_error(tmp_path, capsys):
     assert "do not fit this config" in err and "Traceback" not in err
 
 
+def test_a_damaged_latest_checkpoint_is_named_with_the_way_back(tmp_path, capsys):
+    """A checkpoint folder left empty, or one with a truncated file: resume, eval and
+    export say which one cannot be read and how to fall back, and delete nothing."""
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    args = ["--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=4",
+            "--config.train.checkpoint_every=2"]
+    assert main(["train", *args]) == 0
+    checkpoints = workdir / "checkpoints"
+    (checkpoints / "6").mkdir()
+    capsys.readouterr()
+    assert main(["train", *args[:-2], "--config.train.steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert f"{checkpoints}/6: the checkpoint cannot be read" in err and "steps 2, 4; move" in err
+    assert "Traceback" not in err
+    (checkpoints / "6").rmdir()
+    data = max((p for p in (checkpoints / "4/state").rglob("*") if p.is_file() and "/d/" in str(p)),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])
+    for verb in (["eval", "--workdir", str(workdir)], ["export", "--workdir", str(workdir), "--out", str(tmp_path / "hf")]):
+        assert main(verb) == 2
+        err = capsys.readouterr().err
+        assert f"{checkpoints}/4: the checkpoint cannot be read" in err and "--step 2" in err, err
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4"]
+    assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "hf"), "--step", "2"]) == 0
+
+
 def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path):
     from jit_tune.cli import main
 

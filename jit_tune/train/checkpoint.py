@@ -43,6 +43,15 @@ def all_finite(tree) -> bool:
     return bool(np.asarray(_all_finite(tree).addressable_data(0)))
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions it was raised from, outermost first."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int, keep_every: int = 0, config: ConfigDict | None = None):
         """Keeps the last `keep` checkpoints, and every one whose step is a multiple of
@@ -111,9 +120,13 @@ class Checkpointer:
             items["data"] = StreamsRestore(data_iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as e:
-            if "do not match" not in str(e):
+        except Exception as e:  # Orbax wraps TensorStore's read errors in a bare Exception
+            causes = _causes(e)
+            damage = next((c for c in causes if isinstance(c, (ValueError, KeyError, OSError))), None)
+            if damage is None:
                 raise
+            if "do not match" not in str(damage):
+                raise self._unreadable(step, damage) from e
             raise ConfigError(
                 f"{self.manager.directory}/{step}: the checkpoint's parameters or optimizer state do not fit "
                 "this config (were config.model or config.optimizer changed in a way that alters the state, "
@@ -124,6 +137,17 @@ class Checkpointer:
         nnx.replace_by_pure_dict(optimizer_state, restored.state["optimizer"])
         nnx.update(model, model_state)
         nnx.update(optimizer, optimizer_state)
+
+    def _unreadable(self, step: int, error: Exception) -> ConfigError:
+        """A damaged checkpoint (a truncated file, a folder left empty): named, with the
+        way back to an older one. Nothing is deleted: which one to give up is the user's call."""
+        others = [s for s in self.manager.all_steps() if s != step]
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        way_back = (f"the checkpoints before it: steps {', '.join(map(str, sorted(others)))}; move "
+                    f"{self.manager.directory}/{step} out of the checkpoints folder to resume from step "
+                    f"{max(others)}, or give eval/export --step {max(others)}") if others else "no other checkpoint is saved"
+        return ConfigError(f"{self.manager.directory}/{step}: the checkpoint cannot be read ({reason}); it is "
+                           f"left as it is; {way_back}")
 
     def stream_count(self, step: int) -> int | None:
         """How many data streams the run that saved `step` had."""

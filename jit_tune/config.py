@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import inspect
 import json
+import math
 import re
 from pathlib import Path
 
@@ -380,8 +381,13 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> str:
     try:
         node[leaf] = value
     except TypeError as e:
-        raise ConfigError(f"{item}: expected a {type(current).__name__} ({e})") from None
+        raise ConfigError(f"{item}: expected {_a_type(current)} ({e})") from None
     return key
+
+
+def _a_type(value) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a tuple"}.get(
+        type(value), f"a {type(value).__name__}")
 
 
 def _parse_like(raw: str, current, item: str):
@@ -396,7 +402,7 @@ def _parse_like(raw: str, current, item: str):
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        raise ConfigError(f"{item}: expected a {type(current).__name__}, got {raw!r}") from None
+        raise ConfigError(f"{item}: expected {_a_type(current)}, got {raw!r}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
@@ -428,6 +434,14 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
             is_default = value == lookup(defaults, key)
             where = sources.get(key) or f"{path}{' (default)' if is_default else _line_setting(path, key)}"
             problems.append(f"{where}: config.{key} = {value!r}: expected {expected}")
+
+    # Types first: the checks below compare values, which a None or a string would break.
+    for key, expected in mistyped(config, defaults, COLLECTIONS):
+        check(key, False, expected)
+    for task, rate in config.data.mixture.items():
+        check(f"data.mixture.{task}", _finite_number(rate) and rate >= 0, "a finite rate >= 0")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
     m, d, o, t, e = config.model, config.data, config.optimizer, config.train, config.eval
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
@@ -464,8 +478,6 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
           "llama, mistral, qwen2, qwen3, gemma2 or gemma3_text")
     check("data.tokenizer_vocab_size", 256 + 8 <= d.tokenizer_vocab_size <= m.vocab_size,
           f"between 264 (bytes + special tokens) and model.vocab_size ({m.vocab_size})")
-    for task, rate in d.mixture.items():
-        check(f"data.mixture.{task}", isinstance(rate, (int, float)) and rate >= 0, "a rate >= 0")
     check("data.mixture", sum(d.mixture.values()) > 0, "at least one task or group with a rate > 0")
     check("data.validation_share", 0 <= d.validation_share < 1, "a share in [0, 1)")
     check("data.on_bad_record", d.on_bad_record in ("error", "skip"), "'error' or 'skip'")
@@ -525,6 +537,41 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     _check_lora(config, check, need_weights)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def mistyped(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, collections=(),
+             prefix: str = ""):
+    """(key, what was expected) for each field not of its default's type: an integer
+    field takes no float or bool, a float field any finite number (not inf, not nan), a
+    tuple a list too, and no field None. `collections` (dotted names) hold free-form
+    entries, checked by the caller."""
+    for key, default in defaults.items():
+        field, value = f"{prefix}{key}", config.get(key)
+        if field in collections or default is None:
+            continue
+        if isinstance(default, ml_collections.ConfigDict):
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from mistyped(value, default, collections, f"{field}.")
+            else:
+                yield field, "a dict of fields"
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                yield field, "true or false"
+        elif isinstance(default, int):
+            if not isinstance(value, int) or isinstance(value, bool):
+                yield field, "an integer"
+        elif isinstance(default, float):
+            if not _finite_number(value):
+                yield field, "a finite number"
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                yield field, "a string"
+        elif isinstance(default, tuple) and not isinstance(value, (tuple, list)):
+            yield field, "a tuple"
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_lora(config: ml_collections.ConfigDict, check, need_weights: bool) -> None:

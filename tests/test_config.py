@@ -1,8 +1,9 @@
 import json
+import re
 
 import pytest
 
-from jit_tune.config import ConfigError, load_config
+from jit_tune.config import ConfigError, config_from_dict, config_to_dict, load_config
 from jit_tune.cli import main
 
 TINY = "configs/tiny.py"
@@ -24,8 +25,41 @@ def test_override_sets_typed_values():
 
 
 def test_wrong_type_is_rejected():
-    with pytest.raises(ConfigError, match="--config.train.steps=many: expected a int"):
+    with pytest.raises(ConfigError, match="--config.train.steps=many: expected an integer"):
         load_config(TINY, ["--config.train.steps=many"])
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("--config.model.n_kv_heads=None", "config.model.n_kv_heads = None: expected an integer"),
+    ("--config.data.seq_len=None", "config.data.seq_len = None: expected an integer"),
+    ("--config.eval.examples_per_task=None", "config.eval.examples_per_task = None: expected an integer"),
+    ("--config.optimizer.lr=1e999", "config.optimizer.lr = inf: expected a finite number"),
+    ("--config.data.mixture.sort=None", "config.data.mixture.sort = None: expected a finite rate >= 0"),
+    ("--config.data.mixture.sort=1e999", "config.data.mixture.sort = inf: expected a finite rate >= 0"),
+])
+def test_none_or_infinity_is_named_with_its_flag_not_a_traceback(item, expected):
+    with pytest.raises(ConfigError, match=re.escape(f"command line {item}: {expected}")):
+        load_config(TINY, [item])
+
+
+def test_a_mistyped_value_in_a_file_or_a_saved_config_is_named(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(
+        "from jit_tune.config import default_config\n\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        "    c.model.head_dim = None\n"
+        "    c.data.mixture = dict(sort='1', reverse=1.0)\n"
+        "    return c\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert f"{path}:5: config.model.head_dim = None: expected an integer" in str(e.value)
+    assert f"{path}:6: config.data.mixture.sort = '1': expected a finite rate >= 0" in str(e.value)
+    saved = config_to_dict(load_config(TINY))
+    saved["model"]["rope_theta"] = None
+    with pytest.raises(ConfigError, match=r"run/config.json: config.model.rope_theta = None: expected a finite number"):
+        config_from_dict(saved, "run/config.json", check_files=False)
 
 
 def test_bad_value_names_flag_field_and_expectation():

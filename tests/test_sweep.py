@@ -148,3 +148,5 @@ def test_a_saved_sweep_reloads_on_todays_defaults_and_an_unknown_field_is_named(
     assert sweep.space.points == 5 and sweep.confirm == default_sweep_config().confirm
     with pytest.raises(ConfigError, match="s's manifest: unknown sweep field space.pointz"):
         sweep_from_dict({**saved, "space": {"pointz": 5}}, "s's manifest")
+    with pytest.raises(ConfigError, match=r"s's manifest: sweep.space.points = None: expected an integer"):
+        sweep_from_dict({**saved, "space": {"points": None}}, "s's manifest")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jit_tune.config import ConfigError, load_config, update_from_saved
+from jit_tune.config import ConfigError, load_config, mistyped, update_from_saved
 
 KINDS = ("dirichlet", "grid", "leave_one_out", "task_count")
 PRIORS = ("uniform", "examples")
@@ -100,6 +100,11 @@ def validate_sweep(s: ml_collections.ConfigDict, path: str, sources: dict | None
             where = (sources or {}).get(key, path)
             problems.append(f"{where}: sweep.{key} = {_lookup(s, key)!r}: expected {expected}")
 
+    # Types first: the checks below compare values, which a None or a string would break.
+    for key, expected in mistyped(s, default_sweep_config(), ("space.grid", "target.metrics")):
+        check(False, key, expected)
+    if problems:
+        raise ConfigError("invalid sweep config:\n  " + "\n  ".join(problems))
     check(bool(s.base), "base", "a run config file, path.py[:variant]")
     check(len(s.seeds) > 0 and all(isinstance(x, int) for x in s.seeds), "seeds", "one or more integer seeds")
     check(s.space.kind in KINDS, "space.kind", " | ".join(KINDS))

@@ -45,6 +45,13 @@ def test_nested_groups_split_each_rate_by_their_own_rule():
     ({"g": 1}, {"g": _group(("a", "gen"), "examples")}, "unbounded size: expected a cap"),
     ({"g": 1}, {"g": _group(("a",), "sideways")}, r"rule = 'sideways': expected one of"),
     ({"a": 0}, {}, "at least one task or group with a rate > 0"),
+    ({"g": 1}, {"g": _group(("a", "nope"), "examples")}, r"groups.g.tasks: \['nope'\] are neither tasks nor groups"),
+    ({"g": 1}, {"g": _group(("a", "b"), "temperature", temperature=0)}, "temperature = 0: expected a finite number > 0"),
+    ({"g": 1}, {"g": _group(("a", "b"), "examples", cap=-5)}, r"cap = -5: expected an integer >= 0"),
+    ({"a": 1}, {"a": _group(("b", "c"), "equal")}, "groups.a: a group may not take a task's name"),
+    ({"a": 1}, {"g": {**_group(("a",), "temperature"), "temprature": 2}}, r"unknown fields \['temprature'\]"),
+    ({"a": 1}, {"g": _group("ab", "equal")}, "tasks = 'ab': expected a non-empty tuple"),
+    ({"g": 1}, {"g": _group(("h",), "examples"), "h": _group(("a", "g"), "examples")}, "'g' contains itself"),
 ])
 def test_bad_mixtures_are_named(mixture, groups, message):
     with pytest.raises(MixtureError, match=message):
@@ -61,7 +68,31 @@ def test_bad_group_in_a_config_is_rejected_at_load(tmp_path):
         "    c.data.groups = ConfigDict({'g': {'tasks': ('reverse', 'sortt'), 'rule': 'equal'}})\n"
         "    c.data.mixture = ConfigDict({'g': 1.0})\n    return c\n"
     )
-    with pytest.raises(ConfigError, match=rf"{path}: config.data.mixture: 'sortt' is neither a task nor a group"):
+    with pytest.raises(ConfigError, match=rf"{path}: config.data.groups.g.tasks: \['sortt'\] are neither tasks"):
+        load_config(str(path))
+
+
+def test_a_file_task_may_not_take_another_task_s_name(tmp_path):
+    from jit_tune.config import ConfigError, load_config
+
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    path = tmp_path / "cfg.py"
+    path.write_text(
+        "from jit_tune.config import default_config\n\n"
+        "def get_config():\n    c = default_config()\n"
+        f"    c.data.tasks.reverse = dict(path={str(data)!r})\n    return c\n"
+    )
+    with pytest.raises(ConfigError, match=rf"{path}:5: config.data.tasks.reverse: a built-in task has this name"):
+        load_config(str(path))
+    (tmp_path / "dir" / "news").mkdir(parents=True)
+    path.write_text(
+        "from jit_tune.config import default_config\n\n"
+        "def get_config():\n    c = default_config()\n"
+        f"    c.data.tasks['t0/news'] = dict(path={str(data)!r})\n"
+        f"    c.data.task_dirs.t0 = dict(path={str(tmp_path / 'dir')!r})\n    return c\n"
+    )
+    with pytest.raises(ConfigError, match=rf"{path}: config.data.task_dirs.t0: its task t0/news has the name of a task"):
         load_config(str(path))
 
 

@@ -14,9 +14,11 @@ is normalized to sum to 1, so rates are relative: only their ratios matter.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 RULES = ("equal", "examples", "temperature")
+GROUP_FIELDS = ("tasks", "rule", "cap", "temperature")
 
 
 class MixtureError(ValueError):
@@ -29,9 +31,38 @@ def _size(name: str, groups: Mapping, sizes: Mapping[str, int]) -> float:
     return sizes[name]
 
 
-def _spread(name: str, rate: float, groups: Mapping, sizes: Mapping[str, int], out: dict, path: tuple) -> None:
+def _check_group(name: str, group: Mapping, groups: Mapping, sizes: Mapping) -> None:
+    where = f"config.data.groups.{name}"
+    if name in sizes:
+        raise MixtureError(f"{where}: a group may not take a task's name (the mixture's entry {name!r} would mean "
+                           "either)")
+    unknown = sorted(set(group) - set(GROUP_FIELDS))
+    if unknown:
+        raise MixtureError(f"{where}: unknown fields {unknown}: expected some of {GROUP_FIELDS}")
+    if group["rule"] not in RULES:
+        raise MixtureError(f"{where}.rule = {group['rule']!r}: expected one of {RULES}")
+    members = group["tasks"]
+    if isinstance(members, str) or not members:
+        raise MixtureError(f"{where}.tasks = {members!r}: expected a non-empty tuple of task or group names")
+    unknown = [m for m in members if m not in groups and m not in sizes]
+    if unknown:
+        raise MixtureError(f"{where}.tasks: {unknown} are neither tasks nor groups; known tasks: "
+                           f"{', '.join(sorted(sizes))}")
+    cap, temperature = group["cap"], group["temperature"]
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+        raise MixtureError(f"{where}.cap = {cap!r}: expected an integer >= 0 (0: no cap)")
+    if group["rule"] == "temperature" and not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise MixtureError(f"{where}.temperature = {temperature!r}: expected a finite number > 0")
+
+
+def _check_acyclic(name: str, groups: Mapping, path: tuple = ()) -> None:
     if name in path:
         raise MixtureError(f"config.data.groups: group {name!r} contains itself ({' -> '.join(path + (name,))})")
+    for member in groups[name]["tasks"] if name in groups else ():
+        _check_acyclic(member, groups, path + (name,))
+
+
+def _spread(name: str, rate: float, groups: Mapping, sizes: Mapping[str, int], out: dict) -> None:
     if name not in groups:
         if name not in sizes:
             raise MixtureError(f"config.data.mixture: {name!r} is neither a task nor a group; known tasks: "
@@ -39,11 +70,7 @@ def _spread(name: str, rate: float, groups: Mapping, sizes: Mapping[str, int], o
         out[name] = out.get(name, 0.0) + rate
         return
     group = groups[name]
-    if group["rule"] not in RULES:
-        raise MixtureError(f"config.data.groups.{name}.rule = {group['rule']!r}: expected one of {RULES}")
     members = list(group["tasks"])
-    if not members:
-        raise MixtureError(f"config.data.groups.{name}.tasks is empty: expected task or group names")
     if group["rule"] == "equal":
         weights = [1.0] * len(members)
     else:
@@ -56,20 +83,25 @@ def _spread(name: str, rate: float, groups: Mapping, sizes: Mapping[str, int], o
         weights = [c**power for c in capped]
     total = sum(weights)
     for member, weight in zip(members, weights):
-        _spread(member, rate * weight / total, groups, sizes, out, path + (name,))
+        _spread(member, rate * weight / total, groups, sizes, out)
 
 
 def task_rates(mixture: Mapping[str, float], groups: Mapping, sizes: Mapping[str, float]) -> dict[str, float]:
     """{task: share of sampled examples}, summing to 1, for tasks with a positive share.
 
     `sizes` gives each task's number of training examples (inf for generated tasks).
+    Every group is checked, used or not: a typo in one is found before a sweep uses it.
     """
+    for name, group in groups.items():
+        _check_group(name, group, groups, sizes)
+    for name in groups:
+        _check_acyclic(name, groups)
     out: dict[str, float] = {}
     for name, rate in mixture.items():
         if rate < 0:
             raise MixtureError(f"config.data.mixture.{name} = {rate}: expected a rate >= 0")
         if rate > 0:
-            _spread(name, float(rate), groups, sizes, out, ())
+            _spread(name, float(rate), groups, sizes, out)
     total = sum(out.values())
     if total <= 0:
         raise MixtureError("config.data.mixture: expected at least one task or group with a rate > 0")

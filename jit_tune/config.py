@@ -481,10 +481,7 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("data.mixture", sum(d.mixture.values()) > 0, "at least one task or group with a rate > 0")
     check("data.validation_share", 0 <= d.validation_share < 1, "a share in [0, 1)")
     check("data.on_bad_record", d.on_bad_record in ("error", "skip"), "'error' or 'skip'")
-    for name, spec in list(d.tasks.items()) + list(d.task_dirs.items()):
-        check(f"data.{'tasks' if name in d.tasks else 'task_dirs'}.{name}",
-              isinstance(spec, ml_collections.ConfigDict) and "path" in spec
-              and (Path(spec.path).exists() or not check_files), "a ConfigDict with a 'path' that exists")
+    problems.extend(_task_spec_problems(config, path, check_files))
     if check_files:
         problems.extend(_mixture_problems(config, path))
     problems.extend(_template_problems(config, path))
@@ -609,16 +606,50 @@ def _check_lora(config: ml_collections.ConfigDict, check, need_weights: bool) ->
           "Face model directory or .gguf file (only `jit-tune compile` plans without one)")
 
 
+def _task_spec_problems(config: ml_collections.ConfigDict, path: str, check_files: bool) -> list[str]:
+    """File tasks' specs: known keys, format and fields, and (with check_files) a path that exists."""
+    from jit_tune.data.formats import FILE_TASK_FIELDS, TASK_DIR_FIELDS, task_spec
+    from jit_tune.data.sources import SourceError
+
+    problems = []
+    for collection, defaults in (("tasks", FILE_TASK_FIELDS), ("task_dirs", TASK_DIR_FIELDS)):
+        for name, spec in config.data[collection].items():
+            where = f"{path}{_line_setting(path, name)}: "
+            if not isinstance(spec, ml_collections.ConfigDict):
+                problems.append(f"{where}config.data.{collection}.{name} = {spec!r}: expected a dict with a 'path'")
+                continue
+            try:
+                values = task_spec(spec, defaults, f"config.data.{collection}.{name}")
+            except SourceError as error:
+                problems.append(f"{where}{error}")
+                continue
+            if check_files and not Path(values["path"]).exists():
+                problems.append(f"{where}config.data.{collection}.{name}.path = {values['path']!r}: no such file or "
+                                "directory")
+    return problems
+
+
 def _mixture_problems(config: ml_collections.ConfigDict, path: str) -> list[str]:
     """Structure of the nested mixture, checked before any file is opened: every name a
     task or a group, rules known (sizes are placeholders here)."""
     from jit_tune.data.mixture import MixtureError, task_rates
 
     d = config.data
-    names = set(builtin_tasks.TASKS_BY_NAME) | set(d.tasks.keys())
+    names, problems = set(builtin_tasks.TASKS_BY_NAME), []
+    for name in d.tasks:
+        if name in names:
+            problems.append(f"{path}{_line_setting(path, name)}: config.data.tasks.{name}: a built-in task has this "
+                            "name: expected another name")
+        names.add(name)
     for prefix, spec in d.task_dirs.items():
         if isinstance(spec, ml_collections.ConfigDict) and "path" in spec and Path(spec.path).is_dir():
-            names |= {f"{prefix}/{p.name}" for p in Path(spec.path).iterdir() if p.is_dir()}
+            for task in sorted(p.name for p in Path(spec.path).iterdir() if p.is_dir()):
+                if f"{prefix}/{task}" in names:
+                    problems.append(f"{path}: config.data.task_dirs.{prefix}: its task {prefix}/{task} has the name "
+                                    "of a task already defined: expected another prefix")
+                names.add(f"{prefix}/{task}")
+    if problems:
+        return problems
     groups = {}
     for name, group in d.groups.items():
         values = group.to_dict() if isinstance(group, ml_collections.ConfigDict) else {}

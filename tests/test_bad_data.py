@@ -65,6 +65,26 @@ def test_data_inspect_skips_bad_records_and_names_them(tmp_path, capsys):
     assert re.search(r"The first 8 batches, \d+ rows of \d+: .* Of the first 100 examples: 0 truncated", out)
 
 
+@pytest.mark.parametrize("task, message", [
+    (dict(fields="prompt"), "config.data.tasks.mine.fields = 'prompt': expected a dict from some of ['completion', "
+                            "'prompt'] to the record's keys"),
+    (dict(fields={"question": "q"}), "config.data.tasks.mine.fields = {'question': 'q'}: expected a dict from"),
+    (dict(format="chat"), "config.data.tasks.mine.format = 'chat': expected one of prompt_completion, t0,"),
+    (dict(typo=1), "config.data.tasks.mine: unknown keys ['typo']"),
+    (dict(path="nowhere.jsonl"), "config.data.tasks.mine.path = 'nowhere.jsonl': no such file or directory"),
+    (dict(path=None), "config.data.tasks.mine: 'path' = None: expected a file or directory path"),
+    (dict(format="templated"), "config.data.tasks.mine: format 'templated' needs 'templates'"),
+])
+def test_a_bad_task_spec_is_named_with_its_config_line_at_load(tmp_path, task, message):
+    from jit_tune.config import ConfigError, load_config
+
+    data = _jsonl(tmp_path / "say.jsonl", _records())
+    config = _config_file(tmp_path, {"path": str(data), **task})
+    with pytest.raises(ConfigError) as error:
+        load_config(str(config))
+    assert f"{config}:8: {message}" in str(error.value)
+
+
 @pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_bad_record_is_counted_once_and_drops_reach_the_log_from_workers(tmp_path, workers):
     records = _records()

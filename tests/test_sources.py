@@ -248,6 +248,8 @@ def test_every_format_becomes_the_conversation_form():
     ({"messages": [{"role": "bot", "content": "x"}], "_where": "f:1"}, "messages",
      r"f:1: messages\[0\].role = 'bot': expected one of \['assistant', 'system', 'user'\]"),
     ({"messages": "hi", "_where": "f:1"}, "messages", "f:1: field 'messages' is str, expected a non-empty list"),
+    ({"messages": [{"role": ["user"], "content": "x"}], "_where": "f:1"}, "messages",
+     r"f:1: messages\[0\].role = \['user'\]: expected one of"),
     ({"conversations": [{"from": "gpt"}], "_where": "f:4"}, "sharegpt",
      r"f:4: conversations\[0\]: expected an object with 'from' and 'value'"),
 ])

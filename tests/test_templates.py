@@ -148,6 +148,16 @@ def test_a_record_missing_a_template_field_names_file_line_and_template(tmp_path
                                           "('label' is undefined); the record has ['review']")
 
 
+def test_a_template_failing_on_a_record_s_values_names_file_line_and_template(tmp_path, smoke_config):
+    records = REVIEWS[:3] + [{"review": "zero", "label": ""}] + REVIEWS[3:]
+    per = {"name": "per", "prompt": "{{ review }} {{ 10 // (label | length) }}", "completion": "{{ label }}"}
+    task, _ = _task(tmp_path, smoke_config, records, templates=[per], held_out=0)
+    bad = next(p for p in range(task.size("train")) if task.record("train", p)[1]["label"] == "")
+    with pytest.raises(SourceError, match=r"reviews\.jsonl:4: template 'per' failed on this record: "
+                                          "ZeroDivisionError"):
+        task.example("train", bad)
+
+
 def test_templates_only_with_the_templated_format(tmp_path, smoke_config):
     path = tmp_path / "pc.jsonl"
     path.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")

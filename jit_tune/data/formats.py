@@ -23,6 +23,41 @@ DEFAULT_FIELDS = {
     "sharegpt": {"conversations": "conversations"},
 }
 FORMATS = tuple(DEFAULT_FIELDS)
+# "templated": raw-field records rendered by the task's FLAN-style templates (templates.py).
+TASK_FORMATS = FORMATS + ("templated",)
+# The keys of a task spec (config.data.tasks.<name>, config.data.task_dirs.<prefix>) and their defaults.
+FILE_TASK_FIELDS = {"path": None, "kind": "auto", "format": "prompt_completion", "fields": {}, "split": "train",
+                    "data_files": None, "templates": None}
+TASK_DIR_FIELDS = {"path": None, "format": "t0", "fields": {}}
+
+
+def task_spec(spec: Mapping, defaults: dict, where: str) -> dict:
+    """A task spec with its defaults filled in, checked before any file is opened:
+    known keys, a path, a known format, and `fields` mapping that format's field names
+    to the record's keys (a templated task's templates name the record's keys
+    themselves)."""
+    values = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise SourceError(f"{where}: unknown keys {unknown}; expected some of {sorted(defaults)}")
+    merged = {**defaults, **values}
+    if not isinstance(merged["path"], str) or not merged["path"]:
+        raise SourceError(f"{where}: 'path' = {merged['path']!r}: expected a file or directory path")
+    fmt, fields = merged["format"], merged["fields"]
+    formats = TASK_FORMATS if "templates" in defaults else FORMATS
+    if fmt not in formats:
+        raise SourceError(f"{where}.format = {fmt!r}: expected one of {', '.join(formats)}")
+    if fmt == "templated" and merged["templates"] is None:
+        raise SourceError(f"{where}: format 'templated' needs 'templates'")
+    if fmt != "templated" and merged.get("templates") is not None:
+        raise SourceError(f"{where}.templates: only format 'templated' uses templates (format is {fmt!r})")
+    names = DEFAULT_FIELDS.get(fmt, {})
+    if not isinstance(fields, Mapping) or set(fields) - set(names) or not all(
+            isinstance(v, str) for v in fields.values()):
+        expected = (f"a dict from some of {sorted(names)} to the record's keys" if names else
+                    "{} (templates name the record's keys)")
+        raise SourceError(f"{where}.fields = {fields!r}: expected {expected}")
+    return merged
 
 
 def _field(record: Mapping, fields: Mapping, name: str, fmt: str, optional: bool = False):
@@ -51,7 +86,7 @@ def _turns(record: Mapping, turns, key: str, role_key: str, text_key: str, roles
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping) or role_key not in turn or text_key not in turn:
             raise SourceError(f"{where}: {key}[{i}]: expected an object with {role_key!r} and {text_key!r}")
-        if turn[role_key] not in roles:
+        if not isinstance(turn[role_key], str) or turn[role_key] not in roles:
             raise SourceError(f"{where}: {key}[{i}].{role_key} = {turn[role_key]!r}: expected one of {sorted(roles)}")
         if not isinstance(turn[text_key], str):
             raise SourceError(f"{where}: {key}[{i}].{text_key} is a {type(turn[text_key]).__name__}, expected a string")

@@ -19,12 +19,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from jit_tune.data import builtin_tasks
-from jit_tune.data.formats import FORMATS, to_conversation
+from jit_tune.data.formats import FILE_TASK_FIELDS, TASK_DIR_FIELDS, task_spec, to_conversation
 from jit_tune.data.sources import EmptySourceError, SourceError, open_source, task_directory
 from jit_tune.data.templates import TemplateSet, example_key, few_shot_prompt
-
-# "templated": raw-field records rendered by the task's FLAN-style templates (templates.py).
-TASK_FORMATS = FORMATS + ("templated",)
 
 _GENERATED = 2**40  # index space of a generated task
 log = logging.getLogger(__name__)
@@ -52,18 +49,10 @@ class FileTask:
     templates_spec: dict | None = None  # for format "templated"
     seed: int = 0
 
-    def __post_init__(self):
-        if self.format not in TASK_FORMATS:
-            raise SourceError(f"config.data task {self.name!r}: format {self.format!r}: expected one of "
-                              f"{', '.join(TASK_FORMATS)}")
+    def __post_init__(self):  # the spec was checked by formats.task_spec
         self.template_set = None
         if self.format == "templated":
-            if self.templates_spec is None:
-                raise SourceError(f"config.data.tasks.{self.name}: format 'templated' needs 'templates'")
             self.template_set = TemplateSet(self.templates_spec, f"config.data.tasks.{self.name}.templates")
-        elif self.templates_spec is not None:
-            raise SourceError(f"config.data.tasks.{self.name}.templates: only format 'templated' uses templates "
-                              f"(format is {self.format!r})")
         self._starts = np.cumsum([0] + [len(source) for _, source in self.templates])
         n = int(self._starts[-1])
         in_validation = np.asarray([zlib.crc32(f"{self.name}:{i}".encode()) % 10_000 for i in range(n)]) < (
@@ -159,33 +148,16 @@ def _with_shots(messages: list[dict], exemplars: list[list[dict]]) -> list[dict]
     return [{"role": "user", "content": prompt}, messages[1]]
 
 
-FILE_TASK_FIELDS = {"path": None, "kind": "auto", "format": "prompt_completion", "fields": {}, "split": "train",
-                    "data_files": None, "templates": None}
-TASK_DIR_FIELDS = {"path": None, "format": "t0", "fields": {}}
-
-
-def _spec(spec: ConfigDict, defaults: dict, where: str) -> dict:
-    """A task spec with its defaults filled in; unknown or missing keys are errors."""
-    values = spec.to_dict() if isinstance(spec, ConfigDict) else dict(spec)
-    unknown = sorted(set(values) - set(defaults))
-    if unknown:
-        raise SourceError(f"{where}: unknown keys {unknown}; expected some of {sorted(defaults)}")
-    merged = {**defaults, **values}
-    if merged["path"] is None:
-        raise SourceError(f"{where}: missing 'path'")
-    return merged
-
-
 def file_tasks(config: ConfigDict) -> dict[str, FileTask]:
     d = config.data
     tasks = {}
     for name, raw in d.tasks.items():
-        spec = _spec(raw, FILE_TASK_FIELDS, f"config.data.tasks.{name}")
+        spec = task_spec(raw, FILE_TASK_FIELDS, f"config.data.tasks.{name}")
         source = open_source(spec["path"], spec["kind"], spec["split"], spec["data_files"])
         tasks[name] = FileTask(name, [(name, source)], spec["format"], spec["fields"], d.validation_share,
                                d.on_bad_record == "skip", spec["templates"], config.seed)
     for prefix, raw in d.task_dirs.items():
-        spec = _spec(raw, TASK_DIR_FIELDS, f"config.data.task_dirs.{prefix}")
+        spec = task_spec(raw, TASK_DIR_FIELDS, f"config.data.task_dirs.{prefix}")
         for task, templates in task_directory(spec["path"]).items():
             name = f"{prefix}/{task}"
             parts = []

@@ -191,6 +191,11 @@ def _fill(part: Callable[[Mapping], str], record: Mapping, templates: TemplateSe
         fields = sorted(k for k in record if k != "_where")
         raise SourceError(f"{record.get('_where', '?')}: template {template.name!r} reads a field the record "
                           f"lacks ({e}); the record has {fields}") from None
+    except SourceError:
+        raise
+    except Exception as e:  # the template's own code failed on this record's values (a bad record, skippable)
+        raise SourceError(f"{record.get('_where', '?')}: template {template.name!r} failed on this record: "
+                          f"{type(e).__name__}: {e}") from None
 
 
 def example_key(seed: int, task: str, index: int, epoch: int) -> tuple[int, ...]:

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error(f"unrecognized arguments: {' '.join(unknown)}")
 
     # Signals first: a SIGTERM at any moment from here on ends in a defined way.
-    from jit_tune.train.preemption import EXIT_PREEMPTED, SIGNALS, Preempted
+    from jit_tune.train.preemption import EXIT_INTERRUPTED, SIGNALS, Preempted
 
     SIGNALS.install()
     SIGNALS.phase = "startup" if args.verb == "train" else "command"
@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except Preempted as e:
         print(f"jit-tune {args.verb}: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"jit-tune {args.verb}: interrupted (Ctrl-C); files are written atomically, so none is left "
+              "half-written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except jax.errors.JaxRuntimeError as e:
         if not OUT_OF_MEMORY.search(str(e)):
             raise

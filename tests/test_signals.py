@@ -1,4 +1,4 @@
-"""SIGTERM and SIGUSR1 in every phase of a real `jit-tune` process (the table in
+"""SIGTERM, SIGUSR1 and Ctrl-C (SIGINT) in every phase of a real `jit-tune` process (the table in
 jit_tune/train/preemption.py): each signal is sent when the process logs that it has
 entered the phase."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jit_tune.cli import main
-from jit_tune.train.preemption import EXIT_PREEMPTED
+from jit_tune.train.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--config", "configs/tiny.py:smoke"]
@@ -91,6 +91,27 @@ def test_sigterm_while_the_first_step_compiles_saves_that_step(tmp_path):
     assert code == EXIT_PREEMPTED, err
     assert "preempted (SIGTERM): saved a checkpoint at step 1" in err and "Traceback" not in err
     assert _checkpoints(workdir) == [1]
+
+
+def test_ctrl_c_in_training_saves_at_the_next_step_and_exits_130_and_a_rerun_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    code, err = _run_and_signal(["train", *SMOKE, "--workdir", str(workdir), "--config.train.steps=50"],
+                                "Compiling the train step", signal.SIGINT)
+    assert code == EXIT_INTERRUPTED, err
+    assert "interrupted (Ctrl-C): saved a checkpoint at step 1" in err and "Traceback" not in err
+    assert _checkpoints(workdir) == [1]
+    assert main(["train", *SMOKE, "--workdir", str(workdir), "--config.train.steps=4"]) == 0
+    assert _checkpoints(workdir)[-1] == 4
+
+
+def test_ctrl_c_during_start_up_stops_at_once_without_a_traceback(tmp_path):
+    workdir = tmp_path / "run"
+    code, err = _run_and_signal(["train", *SMOKE, "--workdir", str(workdir), "--config.data.tokenizer=bpe",
+                                 "--config.data.tokenizer_corpus_examples=20000"], "Building the tokenizer",
+                                signal.SIGINT)
+    assert code == EXIT_INTERRUPTED, err
+    assert "jit-tune train: interrupted (Ctrl-C)" in err and "Traceback" not in err
+    assert not (workdir / "config.json").exists() and _checkpoints(workdir) == []
 
 
 def test_sigterm_during_the_final_eval_stops_and_a_rerun_evaluates(tmp_path, capsys):

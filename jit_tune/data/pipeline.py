@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import signal
 
 import grain
 import numpy as np
@@ -181,10 +182,17 @@ def train_dataset(
             # Worker processes render and pack, each its share of the stream's batches; the
             # iterator's state (saved in checkpoints) covers all of them.
             flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags
-            batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers))
+            batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers),
+                                          worker_init_fn=_ignore_ctrl_c)
         return batches
 
     return Streams(stream, owned_streams(stream_count, process_index, process_count), stream_count)
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """In Grain's workers: a terminal's Ctrl-C reaches the whole process group, and the
+    training process, which saves before it stops, stops its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def pack(examples: grain.IterDataset, config: ConfigDict, features: tuple[str, ...] = FEATURES) -> grain.IterDataset:

@@ -76,7 +76,7 @@ def run_local(directory: Path, processes: int = 1, kind: str | None = None, dry_
             failed = run_in_process(runs)
         except Preempted as e:
             print(f"[sweep] {e}", file=sys.stderr)
-            return 75
+            return e.exit_code
         return 1 if failed else 0
     workers = [subprocess.Popen([sys.executable, "-m", "jit_tune.cli", "sweep", "worker", "--dir", str(directory),
                                  "--shard", str(i), "--shards", str(processes)] + (["--kind", kind] if kind else []),
@@ -96,8 +96,8 @@ def run_shard(directory: Path, shard: int, shards: int, kind: str | None = None)
     runs = pending(load_manifest(directory), kind)[shard::shards]
     try:
         return 1 if run_in_process(runs, log=lambda m: print(f"[worker {shard}] {m}", flush=True)) else 0
-    except Preempted:
-        return 75
+    except Preempted as e:
+        return e.exit_code
 
 
 def failure(run: dict) -> str | None:

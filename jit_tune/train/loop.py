@@ -129,7 +129,7 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
     """
     workdir = Path(workdir)
     SIGNALS.install()
-    SIGNALS.stop_requested = SIGNALS.save_requested = False
+    SIGNALS.reset()
     with SIGNALS.in_phase("startup"), no_empty_folders_on_error(workdir, workdir / "checkpoints"):
         workdir.mkdir(parents=True, exist_ok=True)
         run = setup(config, workdir)
@@ -200,7 +200,8 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                         progress.write(f"step {step}: saved a checkpoint" + ("" if stop_now else " on demand (SIGUSR1)"))
                     if stop_now:
                         checkpointer.wait()
-                        raise Preempted(step, saved=checkpointer.latest_step() == step)
+                        raise Preempted(step, saved=checkpointer.latest_step() == step,
+                                        interrupted=SIGNALS.interrupted)
                 first = step == first_step - 1
                 if first:  # the packer fills all its open rows before one leaves: at long rows, minutes
                     progress.write(f"Packing the first batch: {config.data.packing_bins} open rows of "

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGUSR1, handled in every phase of every command.
+"""SIGTERM, SIGINT (Ctrl-C) and SIGUSR1, handled in every phase of every command.
 
 The handlers are installed when the process starts (`install`, from the CLI; `train`
 installs them too for API users) and act by phase:
@@ -15,6 +15,10 @@ installs them too for API users) and act by phase:
   command      (eval, export, generate, data, compile) stop now,     nothing to save: noted
                exit 75; files are written atomically, so nothing      on stderr, go on
                is left half-written
+
+Ctrl-C in training (and a periodic evaluation) acts as SIGTERM does, with exit 130 (128 +
+SIGINT, the shell's code for it); a second Ctrl-C, or one in any other phase, stops at
+once (KeyboardInterrupt, exit 130; files are written atomically).
 
 Hosts get the signal at slightly different moments; in training they agree on the step
 to stop at by an all-gather of the flags every AGREE_EVERY steps (multi-process runs
@@ -34,19 +38,22 @@ import numpy as np
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again". Distinct from a crash
 # (1), a user error (2) and a diverged run (3), so requeue policies can match it.
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 AGREE_EVERY = 10  # steps between the processes' agreement on a signal
 PHASES = ("startup", "training", "eval", "final_eval", "command")
 _DEFERRED = ("training", "eval")  # phases where SIGTERM waits for a step boundary
 
 
 class Preempted(Exception):
-    """The run stopped on SIGTERM at `step`, with a checkpoint there (`saved`: saved now;
-    else there was one, or the run had not begun)."""
+    """The run stopped on SIGTERM (or Ctrl-C: `interrupted`) at `step`, with a checkpoint
+    there (`saved`: saved now; else there was one, or the run had not begun)."""
 
-    def __init__(self, step: int, saved: bool = True):
+    def __init__(self, step: int, saved: bool = True, interrupted: bool = False):
         what = "saved a checkpoint at" if saved else "nothing new to save at"
-        super().__init__(f"preempted (SIGTERM): {what} step {step}; run the same command to resume")
+        why = "interrupted (Ctrl-C)" if interrupted else "preempted (SIGTERM)"
+        super().__init__(f"{why}: {what} step {step}; run the same command to resume")
         self.step = step
+        self.exit_code = EXIT_INTERRUPTED if interrupted else EXIT_PREEMPTED
 
 
 STOPPED = {"startup": "during start-up, before any new step; nothing was lost",
@@ -60,7 +67,10 @@ class Signals:
 
     def __init__(self):
         self.phase = "command"
-        self.stop_requested = self.save_requested = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.stop_requested = self.save_requested = self.interrupted = False
 
     def install(self) -> None:
         """Set the handlers (signals reach the main thread only). Called again once JAX's
@@ -69,6 +79,7 @@ class Signals:
             return
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGUSR1, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
 
     @contextlib.contextmanager
     def in_phase(self, phase: str):
@@ -81,10 +92,16 @@ class Signals:
 
     def _handle(self, signum, frame) -> None:
         deferred = self.phase in _DEFERRED
-        if signum == signal.SIGTERM:
+        if signum == signal.SIGINT:
+            if not deferred or self.stop_requested:
+                signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as Python's own handler
+            self.stop_requested = self.interrupted = True
+            print("jit-tune: Ctrl-C: saving a checkpoint at the next step boundary, then stopping (Ctrl-C again "
+                  "stops at once, losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+        elif signum == signal.SIGTERM:
             if not deferred:
                 self._exit_now()
-            self.stop_requested = True
+            self.stop_requested, self.interrupted = True, False
         elif deferred or self.phase == "startup":
             self.save_requested = True
         else:

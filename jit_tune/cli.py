@@ -16,12 +16,14 @@ and exit code 2, never a traceback; a run whose loss or state stops being finite
 with exit code 3; SIGTERM ends with exit code 75 (training saves a checkpoint first;
 rerun to resume; see train/preemption.py for every phase); running out of device or
 host memory, and `compile` finding that the step does not fit the chip's memory, end
-with exit code 4 and the settings that would use less.
+with exit code 4 and the settings that would use less; the file system refusing a write
+(a full disk, a read-only or forbidden directory) ends with exit code 5.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.metadata
 import os
 import re
@@ -34,6 +36,11 @@ OVERRIDES_HELP = ("Any config field can be set after the flags: --config.section
 # What uses less memory, by verb: said when a command runs out of it.
 EVAL_MEMORY = "evaluation needs less with a smaller eval.batch_size (rows scored and prompts decoded per call)"
 OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|out of memory", re.IGNORECASE)  # XLA's words on CPU, GPU, TPU
+# The file system refusing a read or write, as errno says it, also inside other libraries'
+# errors (TensorStore's, under Orbax's checkpoint writes).
+FILE_SYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+FILE_SYSTEM = re.compile("|".join(re.escape(os.strerror(code)) for code in FILE_SYSTEM_ERRNOS))
+EXIT_FILE_SYSTEM = 5
 LESS_MEMORY = {
     "train": ("a training step needs less with a smaller data.batch_size or data.seq_len, more train.microbatches, "
               "or model.remat='full' (`jit-tune compile` shows a step's memory before a launch); " + EVAL_MEMORY
@@ -175,14 +182,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jit-tune {args.verb}: interrupted (Ctrl-C); files are written atomically, so none is left "
               "half-written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except jax.errors.JaxRuntimeError as e:
-        if not OUT_OF_MEMORY.search(str(e)):
+    except Exception as e:
+        refusal = _file_system_refusal(e)
+        if refusal is not None:
+            again = "run the same command to resume" if args.verb == "train" else "run the command again"
+            print(f"jit-tune {args.verb}: error: the file system refused: {refusal}\nWhat was saved before is kept "
+                  f"(a checkpoint or file cut short never replaces one); free space or fix the permissions, then "
+                  f"{again}.", file=sys.stderr)
+            return EXIT_FILE_SYSTEM
+        if not (isinstance(e, jax.errors.JaxRuntimeError) and OUT_OF_MEMORY.search(str(e))):
             raise
         advice = LESS_MEMORY.get(args.verb)
         print(f"jit-tune {args.verb}: error: out of memory on {jax.devices()[0].platform.upper()}: "
               f"{str(e).strip().splitlines()[0]}" + (f"\n{advice[0].upper()}{advice[1:]}." if advice else ""),
               file=sys.stderr)
         return 4
+
+
+def _file_system_refusal(error: BaseException) -> str | None:
+    """The line naming a full disk, a read-only or forbidden path, in `error` or in the
+    errors that led to it (a failed write often surfaces as a later error: a tracker
+    closing, a checkpoint waited on); one naming the path if any does."""
+    seen, bare = set(), None
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in FILE_SYSTEM_ERRNOS:
+            if error.filename:
+                return f"{error.strerror}: {error.filename}"
+            bare = bare or error.strerror
+        else:
+            line = next((line for line in str(error).splitlines() if FILE_SYSTEM.search(line)), None)
+            if line is not None:
+                return line.strip()
+        error = error.__cause__ or error.__context__
+    return bare
 
 
 def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:

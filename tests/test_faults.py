@@ -5,6 +5,7 @@ restorable."""
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -165,3 +166,26 @@ def nnx_params(model):
     from flax import nnx
 
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_a_write_the_file_system_refuses_exits_5_naming_the_file_and_the_rerun_resumes(tmp_path):
+    """A full disk, as a file-size limit: the checkpoint write fails (EFBIG, as ENOSPC
+    would), the run says so with the file's path, and the earlier checkpoint resumes."""
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    smoke = ["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir)]
+    assert main([*smoke, "--config.train.steps=3"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    # 200 kB per file (ulimit -f counts KiB): below a checkpoint's data file, above every other file.
+    command = shlex.join([sys.executable, "-m", "jit_tune.cli", *smoke, "--config.train.steps=6"])
+    refused = subprocess.run(["bash", "-c", f"ulimit -f 195 && exec {command}"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 5, refused.stderr[-3000:]
+    assert re.search(rf"jit-tune train: error: the file system refused: .*{workdir}/checkpoints/6.*File too large",
+                     refused.stderr)
+    assert "run the same command to resume" in refused.stderr
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 6
+    assert main([*smoke, "--config.train.steps=6"]) == 0
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]

@@ -60,6 +60,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def read_json(path: str | Path, advice: str = ""):
+    """A JSON file jit_tune wrote (or a person edited); one that does not parse is a
+    ConfigError naming the file, line and column, and is left as it is."""
+    from jit_tune.config import ConfigError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f":{e.lineno}: not valid JSON ({e.msg} at column {e.colno})" if isinstance(
+            e, json.JSONDecodeError) else f": not UTF-8 text ({e.reason} at byte {e.start})"
+        raise ConfigError(f"{path}{where}; the file was left as it is" + (f": {advice}" if advice else "")) from None
+
+
 def atomic_write_json(path: str | Path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 

@@ -4,6 +4,7 @@ once) or through launch/; collect keeps failed and unfinished runs; fit, propose
 confirm and report complete on a few-step sweep."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,20 @@ def test_a_saved_sweep_reloads_on_todays_defaults_and_an_unknown_field_is_named(
         sweep_from_dict({**saved, "space": {"pointz": 5}}, "s's manifest")
     with pytest.raises(ConfigError, match=r"s's manifest: sweep.space.points = None: expected an integer"):
         sweep_from_dict({**saved, "space": {"points": None}}, "s's manifest")
+
+
+def test_a_damaged_manifest_is_named_left_as_it_is_and_planning_again_restores_it(tmp_path, capsys):
+    directory = tmp_path / "sweep"
+    assert main(["sweep", "plan", "--sweep", SMOKE, "--dir", str(directory)]) == 0
+    manifest = directory / "manifest.json"
+    whole = manifest.read_text()
+    manifest.write_text(whole[: len(whole) // 2])  # cut short, as by a full disk
+    capsys.readouterr()
+    assert main(["sweep", "run", "--dir", str(directory), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: {manifest}:\d+: not valid JSON \(.* at column \d+\); the file was left as it is: "
+                     "move it aside and run `jit-tune sweep plan`", err)
+    assert manifest.read_text() == whole[: len(whole) // 2]
+    manifest.rename(directory / "manifest.damaged")
+    assert main(["sweep", "plan", "--sweep", SMOKE, "--dir", str(directory)]) == 0
+    assert json.loads(manifest.read_text())["runs"] == json.loads(whole)["runs"]

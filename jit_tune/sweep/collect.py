@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import difflib
 import io
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from jit_tune.config import ConfigError
-from jit_tune.files import atomic_write_text
+from jit_tune.files import atomic_write_text, read_json
 from jit_tune.sweep.plan import load_manifest, status
 
 
@@ -49,9 +48,9 @@ def collect(directory: Path, write: bool = True) -> pd.DataFrame:
         row.update({f"w/{unit}": run["mixture"].get(unit, 0.0) for unit in manifest["units"]})
         workdir = Path(run["workdir"])
         if (workdir / "config.json").is_file():
-            row["steps"] = json.loads((workdir / "config.json").read_text())["train"]["steps"]
+            row["steps"] = read_json(workdir / "config.json")["train"]["steps"]
         if row["status"] == "finished":
-            row.update(flatten_results(json.loads((workdir / "eval" / "results.json").read_text())["results"]))
+            row.update(flatten_results(read_json(workdir / "eval" / "results.json")["results"]))
         rows.append(row)
     table = pd.DataFrame(rows)
     finished = table[table["status"] == "finished"]

@@ -12,7 +12,6 @@ same runs through launch/ (a SLURM array, GKE JobSets, a TPU VM queue).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from jit_tune.config import ConfigError, load_config
 from jit_tune.data.sources import SourceError
-from jit_tune.files import atomic_write_json
+from jit_tune.files import atomic_write_json, read_json
 from jit_tune.sweep.plan import FAILED, load_manifest, pending
 from jit_tune.train.preemption import Preempted
 
@@ -102,4 +101,4 @@ def run_shard(directory: Path, shard: int, shards: int, kind: str | None = None)
 
 def failure(run: dict) -> str | None:
     path = Path(run["workdir"]) / FAILED
-    return json.loads(path.read_text())["error"] if path.is_file() else None
+    return read_json(path)["error"] if path.is_file() else None

@@ -13,7 +13,6 @@ the sweep directory (the manifest holds the sweep's config from `plan` on):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jit_tune.config import ConfigError
-from jit_tune.files import atomic_write_json
+from jit_tune.files import atomic_write_json, read_json
 from jit_tune.sweep import fit as fit_lib
 from jit_tune.sweep import plan as plan_lib
 from jit_tune.sweep.collect import collect
@@ -120,7 +119,7 @@ def _trust(f, y: np.ndarray) -> str:
 def propose_mixture(directory: Path) -> dict:
     manifest = plan_lib.load_manifest(directory)
     sweep = _sweep(manifest)
-    fitted = json.loads((Path(directory) / "fit.json").read_text()) if (Path(directory) / "fit.json").is_file() \
+    fitted = read_json(Path(directory) / "fit.json") if (Path(directory) / "fit.json").is_file() \
         else fit(directory)
     table = collect(directory, write=False)
     rows, W, y = _training_data(manifest, table)
@@ -159,7 +158,7 @@ def plan_confirm(directory: Path) -> list[dict]:
     with the confirmation seeds."""
     manifest = plan_lib.load_manifest(directory)
     sweep = _sweep(manifest)
-    proposal = json.loads((Path(directory) / "proposal.json").read_text())
+    proposal = read_json(Path(directory) / "proposal.json")
     mixtures = {"proposed": proposal["weights"], **{b: _baseline(manifest, b) for b in sweep.confirm.baselines}}
     existing = {r["id"]: r for r in manifest["runs"] if r["kind"] == "confirm"}
     for label, mixture in mixtures.items():
@@ -191,7 +190,7 @@ def compare(directory: Path) -> pd.DataFrame | None:
     """Predicted against actual for the confirmation runs (confirm.json)."""
     manifest = plan_lib.load_manifest(directory)
     sweep = _sweep(manifest)
-    proposal = json.loads((Path(directory) / "proposal.json").read_text())
+    proposal = read_json(Path(directory) / "proposal.json")
     table = collect(directory)
     rows = table[table["kind"] == "confirm"][["label", "seed", "status", "target"]].copy()
     rows["predicted"] = np.where(rows["label"] == "proposed", proposal["predicted"], np.nan)
@@ -221,7 +220,7 @@ def report(directory: Path) -> tuple[Path, Path]:
     manifest = plan_lib.load_manifest(directory)
     sweep = _sweep(manifest)
     table = collect(directory)
-    read = lambda name: json.loads((Path(directory) / name).read_text()) if (Path(directory) / name).is_file() else None  # noqa: E731
+    read = lambda name: read_json(Path(directory) / name) if (Path(directory) / name).is_file() else None  # noqa: E731
     fitted, proposal, confirmed = read("fit.json"), read("proposal.json"), read("confirm.json")
     confirm_table = pd.DataFrame(confirmed["runs"]) if confirmed else None
     target = " + ".join(f"{w:g} x {c}" for c, w in manifest["config"]["target"]["metrics"].items())

@@ -15,7 +15,6 @@ the state created, so a rejected command leaves a good workdir as it was.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from jit_tune.data.streams import StreamsIterator
 from jit_tune.data.tokenizer import save_tokenizer
 from jit_tune.eval import evaluator, report
 from jit_tune.models.decoder import Decoder
-from jit_tune.files import no_empty_folders_on_error, written_by_main
+from jit_tune.files import no_empty_folders_on_error, read_json, written_by_main
 from jit_tune.train.checkpoint import Checkpointer
 from jit_tune.flops import peak_flops_per_device, training_flops_per_token
 from jit_tune.train.metrics import DataStats, Progress, TaskLosses, Throughput
@@ -60,7 +59,7 @@ def saved_config(checkpointer: Checkpointer, step: int, workdir: Path) -> dict |
         return checkpointer.saved_run(step)["config"]
     except (FileNotFoundError, KeyError, ValueError):
         path = workdir / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json(path) if path.is_file() else None
 
 
 @dataclasses.dataclass

@@ -92,7 +92,7 @@ def load_workdir(workdir: str | Path, overrides: Sequence[str] = (), step: int |
         config.mesh.shape.update(data=1, fsdp=-1, tensor=1)
         config.mesh.dcn_shape.update(data=1, fsdp=1, tensor=1)
         mesh = mesh_lib.make_mesh(config)
-    model, _ = restore_model_and_optimizer(config, mesh, checkpointer, step)
+    model, _ = restore_model_and_optimizer(config, mesh, checkpointer, step, with_optimizer=False)
     checkpointer.close()
     return config, tokenizer, model, step, mesh
 

@@ -195,6 +195,23 @@ def test_a_damaged_latest_checkpoint_is_named_with_the_way_back(tmp_path, capsys
     assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "hf"), "--step", "2"]) == 0
 
 
+def test_eval_and_export_read_the_parameters_alone(tmp_path):
+    """The optimizer's moments (twice the parameters) are neither read nor held: an
+    optimizer whose state no longer fits the checkpoint's, which stops a resume, does not
+    stop loading the parameters for evaluation or export."""
+    from jit_tune.api import load_workdir
+    from jit_tune.cli import main
+
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=3"]) == 0
+    with pytest.raises(ConfigError, match="do not fit this config"):  # the optimizer's state changes shape
+        train(load_config("configs/tiny.py:smoke", ["--config.train.steps=4", "--config.optimizer.grad_clip=0.0"]),
+              workdir)
+    params = [nnx.state(load_workdir(workdir, overrides)[2], nnx.Param) for overrides in
+              ([], ["--config.optimizer.grad_clip=0.0"])]
+    assert all(np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, params), strict=True))
+
+
 def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path):
     from jit_tune.cli import main
 

@@ -109,13 +109,21 @@ class Checkpointer:
                 "fingerprints of config.json and the safetensors differ). Adapters only mean something on their "
                 "own base: point config.model.init_from at it (--config.model.init_from=...)")
 
-    def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_iterator=None) -> None:
+    def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None, data_iterator=None) -> None:
         """Restore in place; `model` and `optimizer` give the target shapes and shardings
-        (with LoRA, of the adapters: the rest of the model is left as it is). Without a
-        data iterator (evaluation), the data position is left unread."""
-        model_state, optimizer_state = nnx.state(model, trainable(model.config)), nnx.state(optimizer)
-        target = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(optimizer_state)}
-        items = {"state": ocp.args.StandardRestore(target)}
+        (with LoRA, of the adapters: the rest of the model is left as it is). Without an
+        optimizer or a data iterator (evaluation, export), the optimizer state and the
+        data position are left unread: the moments, twice the parameters' size, are
+        never held, and a damaged optimizer state does not stop an export."""
+        model_state = nnx.state(model, trainable(model.config))
+        target = {"model": nnx.to_pure_dict(model_state)}
+        if optimizer is None:
+            items = {"state": ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
+                                                     partial_restore=True)}
+        else:
+            optimizer_state = nnx.state(optimizer)
+            target["optimizer"] = nnx.to_pure_dict(optimizer_state)
+            items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = StreamsRestore(data_iterator)
         try:
@@ -134,9 +142,10 @@ class Checkpointer:
                 "workdir's config.json, or start a new workdir"
             ) from None
         nnx.replace_by_pure_dict(model_state, restored.state["model"])
-        nnx.replace_by_pure_dict(optimizer_state, restored.state["optimizer"])
         nnx.update(model, model_state)
-        nnx.update(optimizer, optimizer_state)
+        if optimizer is not None:
+            nnx.replace_by_pure_dict(optimizer_state, restored.state["optimizer"])
+            nnx.update(optimizer, optimizer_state)
 
     def _unreadable(self, step: int, error: Exception) -> ConfigError:
         """A damaged checkpoint (a truncated file, a folder left empty): named, with the

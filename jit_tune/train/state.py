@@ -59,10 +59,13 @@ def create_model_and_optimizer(config: ConfigDict, mesh: Mesh, abstract: bool = 
     return nnx.merge(graphdef, jax.tree.map(lambda x: on_mesh(x, mesh), state))
 
 
-def restore_model_and_optimizer(config: ConfigDict, mesh: Mesh, checkpointer, step: int, data_iterator=None):
+def restore_model_and_optimizer(config: ConfigDict, mesh: Mesh, checkpointer, step: int, data_iterator=None,
+                                with_optimizer: bool = True):
     """Model and optimizer restored from `checkpointer`'s `step` (and the data iterator's
     position, given one). A LoRA checkpoint holds the adapters only: the base is read
-    from model.init_from, once the checkpoint's fingerprint of it matches."""
+    from model.init_from, once the checkpoint's fingerprint of it matches. Without
+    `with_optimizer` (evaluation, export), the optimizer comes back as None and its state
+    is not read."""
     if config.lora.rank:
         checkpointer.check_base(step, config.model.init_from)
     model, optimizer = create_model_and_optimizer(config, mesh, abstract=True)
@@ -70,5 +73,6 @@ def restore_model_and_optimizer(config: ConfigDict, mesh: Mesh, checkpointer, st
         with mesh_lib.use_mesh(config, mesh):
             load_base_weights(model, init_from_directory(config.model.init_from), mesh,
                               mesh_lib.logical_rules(config))
+    optimizer = optimizer if with_optimizer else None
     checkpointer.restore(step, model, optimizer, data_iterator)
     return model, optimizer

@@ -30,7 +30,7 @@ from jit_tune.eval import evaluator, report
 from jit_tune.eval.decode import generate
 from jit_tune.models.adapters import save_peft_adapter
 from jit_tune.models.decoder import Decoder
-from jit_tune.models.loading import export_hf_decoder, load_hf_decoder
+from jit_tune.models.loading import export_hf_decoder, init_from_directory, load_hf_decoder
 from jit_tune.train.checkpoint import Checkpointer
 from jit_tune.train.loop import train
 from jit_tune.train.state import restore_model_and_optimizer
@@ -148,13 +148,33 @@ def export_workdir(workdir: str | Path, out: str | Path, step: int | None = None
         if writer:
             with atomic_directory(out) as directory:
                 if config.lora.rank and not merged:
-                    save_peft_adapter(model, directory, config.model.init_from, dtype=dtype)
+                    # PEFT loads the base by this name: a .gguf base is its conversion (the weights trained on).
+                    save_peft_adapter(model, directory, init_from_directory(config.model.init_from), dtype=dtype)
                 else:
                     export_hf_decoder(model, directory, config.model.family, special, dtype=dtype)
-                    GenerationConfig(**special).save_pretrained(directory)
+                    generation_config(config.model.init_from, special).save_pretrained(directory)
                 tokenizer.save_pretrained(directory)
                 mark_output(directory, "export")
     return out
+
+
+def generation_config(init_from: str, special: dict) -> GenerationConfig:
+    """The base model's generation defaults when the run started from a Hugging Face dir
+    that has them (its sampling settings, each of its end-of-turn ids), with the
+    tokenizer's special ids: the export stops where its base stopped, and where the
+    training chat template ends a turn."""
+    base = Path(init_from) if init_from else None
+    if base is None or not (base / "generation_config.json").is_file():
+        return GenerationConfig(**special)
+    generation = GenerationConfig.from_pretrained(base)
+    eos = generation.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if special["eos_token_id"] is not None and special["eos_token_id"] not in eos:
+        eos.append(special["eos_token_id"])
+    generation.eos_token_id = eos[0] if len(eos) == 1 else eos or None
+    for key in ("bos_token_id", "pad_token_id"):
+        setattr(generation, key, special[key])
+    return generation
 
 
 def evaluate_workdir(workdir: Path, overrides: Sequence[str] = (), step: int | None = None) -> dict:

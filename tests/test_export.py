@@ -81,6 +81,23 @@ def _hf_dir(directory, tie=True):
     return model
 
 
+def test_an_export_keeps_its_base_s_generation_defaults_and_end_of_turn_ids(tmp_path):
+    from jit_tune.cli import main
+
+    _hf_dir(tmp_path / "base")
+    transformers.GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], do_sample=True, temperature=0.6,
+                                  top_p=0.9).save_pretrained(tmp_path / "base")
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir), "--config.train.steps=3",
+                 f"--config.model.init_from={tmp_path / 'base'}"]) == 0
+    assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "hf")]) == 0
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (generation.do_sample, generation.temperature, generation.top_p) == (True, 0.6, 0.9)
+    assert generation.eos_token_id == [2, 7] + [i for i in [tokenizer.eos_token_id] if i not in (2, 7)]
+    assert (generation.bos_token_id, generation.pad_token_id) == (tokenizer.bos_token_id, tokenizer.pad_token_id)
+
+
 @pytest.mark.parametrize("remove, missing", [
     (("config.json", "model.safetensors", "tokenizer.json"), "config.json and weights and a tokenizer"),
     (("model.safetensors",), "weights"),

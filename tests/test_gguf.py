@@ -151,6 +151,23 @@ def test_init_from_a_gguf_file_converts_it_once_into_the_cache(tmp_path, monkeyp
     assert not np.allclose(_embedding(reconverted), old_embedding)
 
 
+def test_a_lora_adapter_on_a_gguf_base_names_the_conversion_peft_loads(tmp_path, monkeypatch):
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path)
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", SMOKE, "--workdir", str(workdir), f"--config.model.init_from={path}",
+                 "--config.lora.rank=4", "--config.train.steps=3"]) == 0
+    assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "adapter")]) == 0
+    [converted] = _conversions(tmp_path / "cache")
+    base = json.loads((tmp_path / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(converted)
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                           tmp_path / "adapter")
+    assert model.peft_config["default"].r == 4
+
+
 def _embedding(directory: Path) -> np.ndarray:
     from safetensors.numpy import load_file
 

@@ -135,6 +135,17 @@ def test_a_resume_from_step_0_purges_the_killed_runs_tensorboard_events(tmp_path
     assert _tensorboard_steps(tmp_path / "tensorboard") == {"loss": [1, 2, 3, 4, 5]}
 
 
+def test_a_workdir_whose_checkpoints_are_gone_says_so_when_it_starts_again(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _train(workdir, "--config.train.steps=3") == 0
+    for step in (workdir / "checkpoints").iterdir():
+        step.rename(tmp_path / step.name)  # moved elsewhere by hand
+    capsys.readouterr()
+    assert _train(workdir, "--config.train.steps=3") == 0
+    assert (f"Starting {workdir} at step 0: its run logged up to step 3 but left no checkpoint in "
+            f"{workdir}/checkpoints") in capsys.readouterr().err
+
+
 def test_after_a_kill_and_a_resume_logs_hold_each_step_once(tmp_path):
     workdir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}

@@ -43,7 +43,7 @@ from jit_tune.train.preemption import SIGNALS, Preempted
 from jit_tune.train.resume import ResumeError, check_resume
 from jit_tune.train.state import create_model_and_optimizer, decoder_config, restore_model_and_optimizer
 from jit_tune.train.step import train_step
-from jit_tune.train.trackers import Trackers, open_trackers
+from jit_tune.train.trackers import Trackers, last_logged_step, open_trackers
 
 
 def status(message: str) -> None:
@@ -90,6 +90,10 @@ def setup(config: ConfigDict, workdir: Path) -> Run:
             raise ConfigError(str(e)) from None
         status(f"Resuming {workdir} at step {start_step}" + (
             " with these config changes (applied):\n  " + "\n  ".join(changes) if changes else ""))
+    elif logged := last_logged_step(workdir):
+        status(f"Starting {workdir} at step 0: its run logged up to step {logged} but left no checkpoint in "
+               f"{workdir}/checkpoints (stopped before its first one, or they were moved or deleted); its "
+               "metrics.jsonl starts again")
     status("Reading the tasks")
     registry = build_registry(config)
     status("Building the tokenizer" if not start_step else "Reading the tokenizer")

@@ -45,6 +45,12 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
+def last_logged_step(workdir: Path) -> int:
+    """The last step metrics.jsonl holds (0: none)."""
+    steps = [r["step"] for r in _read_records(Path(workdir) / "metrics.jsonl") if isinstance(r.get("step"), int)]
+    return max(steps, default=0)
+
+
 class JsonlTracker:
     """One JSON line per step in metrics.jsonl: the values logged for a step (e.g. its
     training metrics and then its eval results) are merged into its line. A run

@@ -432,8 +432,10 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
         if not ok:
             value = lookup(config, key)
             is_default = value == lookup(defaults, key)
-            where = sources.get(key) or f"{path}{' (default)' if is_default else _line_setting(path, key)}"
-            problems.append(f"{where}: config.{key} = {value!r}: expected {expected}")
+            flag = sources.get(key) or next((v for k, v in sources.items() if k.startswith(f"{key}.")), None)
+            where = flag or f"{path}{' (default)' if is_default else _line_setting(path, key)}"
+            shown = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+            problems.append(f"{where}: config.{key} = {shown!r}: expected {expected}")
 
     # Types first: the checks below compare values, which a None or a string would break.
     for key, expected in mistyped(config, defaults, COLLECTIONS):

@@ -36,8 +36,9 @@ def test_wrong_type_is_rejected():
     ("--config.optimizer.lr=1e999", "config.optimizer.lr = inf: expected a finite number"),
     ("--config.data.mixture.sort=None", "config.data.mixture.sort = None: expected a finite rate >= 0"),
     ("--config.data.mixture.sort=1e999", "config.data.mixture.sort = inf: expected a finite rate >= 0"),
+    ("--config.mesh.shape.fsdp=0", "config.mesh.shape = {'data': -1, 'fsdp': 0, 'tensor': 1}: expected positive"),
 ])
-def test_none_or_infinity_is_named_with_its_flag_not_a_traceback(item, expected):
+def test_a_bad_flag_is_named_with_the_flag_not_a_traceback(item, expected):
     with pytest.raises(ConfigError, match=re.escape(f"command line {item}: {expected}")):
         load_config(TINY, [item])
 

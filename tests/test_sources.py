@@ -244,7 +244,7 @@ def test_every_format_becomes_the_conversation_form():
     ({"prompt": "Q", "_where": "f.jsonl:7"}, "prompt_completion",
      r"f.jsonl:7: missing field 'completion' \(format prompt_completion reads prompt, completion\)"),
     ({"prompt": "Q", "completion": 3, "_where": "f.jsonl:2"}, "prompt_completion",
-     "f.jsonl:2: field 'completion' is a int, expected a string"),
+     "f.jsonl:2: field 'completion' is an int, expected a string"),
     ({"messages": [{"role": "bot", "content": "x"}], "_where": "f:1"}, "messages",
      r"f:1: messages\[0\].role = 'bot': expected one of \['assistant', 'system', 'user'\]"),
     ({"messages": "hi", "_where": "f:1"}, "messages", "f:1: field 'messages' is str, expected a non-empty list"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from jit_tune.data.sources import SourceError
+from jit_tune.data.sources import SourceError, a_type
 
 # The T0/P3 dumps end every completion with this GPT-3-era marker; it is not the answer.
 T0_END_MARKER = "<|endoftext|>"
@@ -74,7 +74,7 @@ def _text(record: Mapping, fields: Mapping, name: str, fmt: str, optional: bool 
     value = _field(record, fields, name, fmt, optional)
     if value is not None and not isinstance(value, str):
         key = fields.get(name, name)
-        raise SourceError(f"{record.get('_where', '?')}: field {key!r} is a {type(value).__name__}, expected a string")
+        raise SourceError(f"{record.get('_where', '?')}: field {key!r} is {a_type(value)}, expected a string")
     return value
 
 
@@ -89,7 +89,7 @@ def _turns(record: Mapping, turns, key: str, role_key: str, text_key: str, roles
         if not isinstance(turn[role_key], str) or turn[role_key] not in roles:
             raise SourceError(f"{where}: {key}[{i}].{role_key} = {turn[role_key]!r}: expected one of {sorted(roles)}")
         if not isinstance(turn[text_key], str):
-            raise SourceError(f"{where}: {key}[{i}].{text_key} is a {type(turn[text_key]).__name__}, expected a string")
+            raise SourceError(f"{where}: {key}[{i}].{text_key} is {a_type(turn[text_key])}, expected a string")
         messages.append({"role": roles[turn[role_key]], "content": turn[text_key]})
     return messages
 

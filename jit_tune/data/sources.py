@@ -30,6 +30,12 @@ class SourceError(ValueError):
     """Bad input: the message names the file, the line (or row) and what was expected."""
 
 
+def a_type(value) -> str:
+    """'an int', 'a list': the type of a value a message says was found."""
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 class EmptySourceError(SourceError):
     """A file or dataset with no records (a task directory skips these; see tasks.py)."""
 

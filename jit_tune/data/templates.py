@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jinja2
 import numpy as np
 
-from jit_tune.data.sources import SourceError
+from jit_tune.data.sources import SourceError, a_type
 
 TEMPLATE_FIELDS = {
     "templates": None,  # [(prompt, completion) | {"name", "prompt", "completion"}, ...]
@@ -64,7 +64,7 @@ class Template:
 
 def _compile(text, syntax: str, where: str) -> Callable[[Mapping], str]:
     if not isinstance(text, str):
-        raise SourceError(f"{where}: is a {type(text).__name__}, expected a template string")
+        raise SourceError(f"{where}: is {a_type(text)}, expected a template string")
     if syntax == "jinja":
         try:
             return _JINJA.from_string(text).render
@@ -79,7 +79,7 @@ def _compile(text, syntax: str, where: str) -> Callable[[Mapping], str]:
 
 def _templates(entries, syntax: str, where: str, prefix: str) -> list[Template]:
     if not isinstance(entries, (list, tuple)):
-        raise SourceError(f"{where}: is a {type(entries).__name__}, expected a list of (prompt, completion) templates")
+        raise SourceError(f"{where}: is {a_type(entries)}, expected a list of (prompt, completion) templates")
     templates = []
     for i, entry in enumerate(entries):
         at = f"{where}[{i}]"

@@ -483,8 +483,8 @@ def validate(config: ml_collections.ConfigDict, path: str = "<config>", sources:
     check("data.mixture", sum(d.mixture.values()) > 0, "at least one task or group with a rate > 0")
     check("data.validation_share", 0 <= d.validation_share < 1, "a share in [0, 1)")
     check("data.on_bad_record", d.on_bad_record in ("error", "skip"), "'error' or 'skip'")
-    problems.extend(_task_spec_problems(config, path, check_files))
-    if check_files:
+    if check_files:  # a saved run reloaded for export reads no data (and may predate today's checks)
+        problems.extend(_task_spec_problems(config, path))
         problems.extend(_mixture_problems(config, path))
     problems.extend(_template_problems(config, path))
     check("data.train_on", d.train_on in ("all_assistant", "last_assistant", "all"),
@@ -608,8 +608,8 @@ def _check_lora(config: ml_collections.ConfigDict, check, need_weights: bool) ->
           "Face model directory or .gguf file (only `jit-tune compile` plans without one)")
 
 
-def _task_spec_problems(config: ml_collections.ConfigDict, path: str, check_files: bool) -> list[str]:
-    """File tasks' specs: known keys, format and fields, and (with check_files) a path that exists."""
+def _task_spec_problems(config: ml_collections.ConfigDict, path: str) -> list[str]:
+    """File tasks' specs: known keys, format and fields, and a path that exists."""
     from jit_tune.data.formats import FILE_TASK_FIELDS, TASK_DIR_FIELDS, task_spec
     from jit_tune.data.sources import SourceError
 
@@ -625,7 +625,7 @@ def _task_spec_problems(config: ml_collections.ConfigDict, path: str, check_file
             except SourceError as error:
                 problems.append(f"{where}{error}")
                 continue
-            if check_files and not Path(values["path"]).exists():
+            if not Path(values["path"]).exists():
                 problems.append(f"{where}config.data.{collection}.{name}.path = {values['path']!r}: no such file or "
                                 "directory")
     return problems

@@ -51,6 +51,7 @@ def test_nested_groups_split_each_rate_by_their_own_rule():
     ({"a": 1}, {"a": _group(("b", "c"), "equal")}, "groups.a: a group may not take a task's name"),
     ({"a": 1}, {"g": {**_group(("a",), "temperature"), "temprature": 2}}, r"unknown fields \['temprature'\]"),
     ({"a": 1}, {"g": _group("ab", "equal")}, "tasks = 'ab': expected a non-empty tuple"),
+    ({"a": 1}, {"g": _group(("a", ["b"]), "equal")}, r"tasks = \('a', \['b'\]\): expected a non-empty tuple"),
     ({"g": 1}, {"g": _group(("h",), "examples"), "h": _group(("a", "g"), "examples")}, "'g' contains itself"),
 ])
 def test_bad_mixtures_are_named(mixture, groups, message):

@@ -42,7 +42,7 @@ def _check_group(name: str, group: Mapping, groups: Mapping, sizes: Mapping) -> 
     if group["rule"] not in RULES:
         raise MixtureError(f"{where}.rule = {group['rule']!r}: expected one of {RULES}")
     members = group["tasks"]
-    if isinstance(members, str) or not members:
+    if not isinstance(members, (list, tuple)) or not members or not all(isinstance(m, str) for m in members):
         raise MixtureError(f"{where}.tasks = {members!r}: expected a non-empty tuple of task or group names")
     unknown = [m for m in members if m not in groups and m not in sizes]
     if unknown:

@@ -543,10 +543,11 @@ def mistyped(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigD
     """(key, what was expected) for each field not of its default's type: an integer
     field takes no float or bool, a float field any finite number (not inf, not nan), a
     tuple a list too, and no field None. `collections` (dotted names) hold free-form
-    entries, checked by the caller."""
+    entries, checked by the caller; so are fields missing from a dict a file replaced
+    whole (mesh.shape, model.attention_blocks: their own checks name what they lack)."""
     for key, default in defaults.items():
         field, value = f"{prefix}{key}", config.get(key)
-        if field in collections or default is None:
+        if field in collections or default is None or key not in config:
             continue
         if isinstance(default, ml_collections.ConfigDict):
             if isinstance(value, ml_collections.ConfigDict):

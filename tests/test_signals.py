@@ -104,6 +104,7 @@ def test_ctrl_c_in_training_saves_at_the_next_step_and_exits_130_and_a_rerun_res
     assert _checkpoints(workdir)[-1] == 4
 
 
+@pytest.mark.slow  # as SIGTERM's start-up test, with Python's own KeyboardInterrupt
 def test_ctrl_c_during_start_up_stops_at_once_without_a_traceback(tmp_path):
     workdir = tmp_path / "run"
     code, err = _run_and_signal(["train", *SMOKE, "--workdir", str(workdir), "--config.data.tokenizer=bpe",

@@ -135,6 +135,7 @@ def test_a_resume_from_step_0_purges_the_killed_runs_tensorboard_events(tmp_path
     assert _tensorboard_steps(tmp_path / "tensorboard") == {"loss": [1, 2, 3, 4, 5]}
 
 
+@pytest.mark.slow  # a line in the log
 def test_a_workdir_whose_checkpoints_are_gone_says_so_when_it_starts_again(tmp_path, capsys):
     workdir = tmp_path / "run"
     assert _train(workdir, "--config.train.steps=3") == 0

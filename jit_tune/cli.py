@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     from jit_tune.train.preemption import EXIT_INTERRUPTED, SIGNALS, Preempted
 
     SIGNALS.install()
+    SIGNALS.exit_at_once = True
+    sys.unraisablehook = _quiet_closed_event_loops(sys.unraisablehook)
     SIGNALS.phase = "startup" if args.verb == "train" else "command"
     from jit_tune.distributed import choose_platform
 
@@ -169,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args, overrides)
-    except (ConfigError, FileNotFoundError, SourceError, DistributedError, TopologyError) as e:
+    except (ConfigError, FileNotFoundError, SourceError, MixtureError, DistributedError, TopologyError) as e:
         print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileExistsError, NotADirectoryError) as e:  # a file where a directory (--workdir, --dir) goes
+        print(f"jit-tune {args.verb}: error: {e.filename}: {e.strerror}: expected a directory there (or none, to "
+              "create)", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a diverged run: the last good checkpoint stays
         print(f"jit-tune {args.verb}: error: {e}", file=sys.stderr)
@@ -197,6 +203,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{str(e).strip().splitlines()[0]}" + (f"\n{advice[0].upper()}{advice[1:]}." if advice else ""),
               file=sys.stderr)
         return 4
+
+
+def _quiet_closed_event_loops(hook):
+    """When a checkpoint read fails (a damaged file, a shape that does not fit), Orbax's
+    other reads, still in flight in TensorStore's threads, call back into its closed event
+    loop; each prints a traceback that buries the one-paragraph error. Those are dropped."""
+
+    def quiet(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            hook(unraisable)
+
+    return quiet
 
 
 def _file_system_refusal(error: BaseException) -> str | None:

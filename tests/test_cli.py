@@ -128,3 +128,32 @@ def test_a_rejected_run_leaves_no_empty_workdir_and_running_out_of_memory_says_w
     assert main(["train", "--config", "configs/tiny.py:smoke", "--workdir", str(mine),
                  "--config.train.microbatches=3"]) == 2
     assert mine.is_dir() and not any(mine.iterdir())
+
+
+def test_a_file_where_a_directory_goes_is_named(tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for args, path, why in ((["train", "--config", "configs/tiny.py:smoke", "--workdir", str(afile)], afile, "File exists"),
+                            (["train", "--config", "configs/tiny.py:smoke", "--workdir", str(afile / "run")],
+                             afile / "run", "Not a directory"),
+                            (["sweep", "plan", "--sweep", "configs/sweep_tiny.py", "--dir", str(afile)], afile,
+                             "File exists")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"error: {path}: {why}: expected a directory there" in err and "Traceback" not in err, err
+    assert afile.read_text() == "mine"
+
+
+def test_orbax_callbacks_into_its_closed_event_loop_are_not_printed():
+    """A failed checkpoint read leaves Orbax's other reads calling back into its closed
+    event loop; their tracebacks would bury the error. Anything else still shows."""
+    from types import SimpleNamespace
+
+    from jit_tune.cli import _quiet_closed_event_loops
+
+    shown = []
+    hook = _quiet_closed_event_loops(shown.append)
+    closed, other = (SimpleNamespace(exc_value=e) for e in (RuntimeError("Event loop is closed"), ValueError("x")))
+    hook(closed)
+    hook(other)
+    assert shown == [other]

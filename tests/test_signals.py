@@ -104,14 +104,14 @@ def test_ctrl_c_in_training_saves_at_the_next_step_and_exits_130_and_a_rerun_res
     assert _checkpoints(workdir)[-1] == 4
 
 
-@pytest.mark.slow  # as SIGTERM's start-up test, with Python's own KeyboardInterrupt
+@pytest.mark.slow  # as SIGTERM's start-up test
 def test_ctrl_c_during_start_up_stops_at_once_without_a_traceback(tmp_path):
     workdir = tmp_path / "run"
     code, err = _run_and_signal(["train", *SMOKE, "--workdir", str(workdir), "--config.data.tokenizer=bpe",
                                  "--config.data.tokenizer_corpus_examples=20000"], "Building the tokenizer",
                                 signal.SIGINT)
     assert code == EXIT_INTERRUPTED, err
-    assert "jit-tune train: interrupted (Ctrl-C)" in err and "Traceback" not in err
+    assert "jit-tune: interrupted (Ctrl-C) during start-up" in err and "Traceback" not in err
     assert not (workdir / "config.json").exists() and _checkpoints(workdir) == []
 
 
@@ -133,7 +133,9 @@ def test_sigusr1_during_the_final_eval_is_noted_and_the_eval_finishes(tmp_path):
     assert "SIGUSR1 (final eval): nothing to save" in err and (workdir / "eval/results.json").is_file()
 
 
-def test_sigterm_to_another_command_exits_75_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGTERM, EXIT_PREEMPTED, "stopped by SIGTERM"),
+                                                (signal.SIGINT, EXIT_INTERRUPTED, "interrupted (Ctrl-C)")])
+def test_sigterm_or_ctrl_c_to_another_command_stops_it_without_a_traceback(tmp_path, signum, code, said):
     workdir = tmp_path / "run"
     assert main(["train", *SMOKE, "--workdir", str(workdir), "--config.train.steps=3"]) == 0
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
@@ -144,7 +146,7 @@ def test_sigterm_to_another_command_exits_75_without_a_traceback(tmp_path):
         process.wait(timeout=1.5)  # importing JAX alone takes longer: the handlers are set before it
     except subprocess.TimeoutExpired:
         pass
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)  # a Ctrl-C must neither be swallowed nor crash JAX's shutdown (exit -11)
     err = process.communicate(timeout=120)[1]
-    assert process.returncode == EXIT_PREEMPTED, err
-    assert "jit-tune: stopped by SIGTERM before it finished" in err and "Traceback" not in err
+    assert process.returncode == code, err
+    assert f"jit-tune: {said} before it finished" in err and "Traceback" not in err

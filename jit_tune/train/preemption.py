@@ -18,7 +18,9 @@ installs them too for API users) and act by phase:
 
 Ctrl-C in training (and a periodic evaluation) acts as SIGTERM does, with exit 130 (128 +
 SIGINT, the shell's code for it); a second Ctrl-C, or one in any other phase, stops at
-once (KeyboardInterrupt, exit 130; files are written atomically).
+once with exit 130 (files are written atomically). From the CLI it exits right there, as
+SIGTERM does; in a Python session (the API) it raises KeyboardInterrupt, as Python's own
+handler does.
 
 Hosts get the signal at slightly different moments; in training they agree on the step
 to stop at by an all-gather of the flags every AGREE_EVERY steps (multi-process runs
@@ -67,6 +69,7 @@ class Signals:
 
     def __init__(self):
         self.phase = "command"
+        self.exit_at_once = False  # the CLI's: stop the process; the API's: raise KeyboardInterrupt
         self.reset()
 
     def reset(self) -> None:
@@ -94,6 +97,8 @@ class Signals:
         deferred = self.phase in _DEFERRED
         if signum == signal.SIGINT:
             if not deferred or self.stop_requested:
+                if self.exit_at_once:
+                    self._exit_now(interrupted=True)
                 signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as Python's own handler
             self.stop_requested = self.interrupted = True
             print("jit-tune: Ctrl-C: saving a checkpoint at the next step boundary, then stopping (Ctrl-C again "
@@ -107,13 +112,17 @@ class Signals:
         else:
             print(f"jit-tune: SIGUSR1 ({self.phase.replace('_', ' ')}): nothing to save", file=sys.stderr, flush=True)
 
-    def _exit_now(self) -> None:
-        """Nothing to save in this phase, and every file is written atomically: exit here.
-        (An exception raised from a signal handler can land in a callback that swallows
-        it, such as a garbage-collection hook, and the command would go on.)"""
+    def _exit_now(self, interrupted: bool = False) -> None:
+        """Nothing to save in this phase (or a second Ctrl-C: stop regardless), and every
+        file is written atomically: exit here. (An exception raised from a signal handler
+        can land in a callback that swallows it, such as a garbage-collection hook, and the
+        command would go on; and unwinding a KeyboardInterrupt through JAX's runtime can
+        crash the interpreter's shutdown.)"""
         sys.stdout.flush()
-        print(f"jit-tune: stopped by SIGTERM {STOPPED[self.phase]}", file=sys.stderr, flush=True)
-        os._exit(EXIT_PREEMPTED)
+        how = "interrupted (Ctrl-C)" if interrupted else "stopped by SIGTERM"
+        when = STOPPED[self.phase] if self.phase in STOPPED else "at once; the steps since the last checkpoint are lost"
+        print(f"jit-tune: {how} {when}", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED if interrupted else EXIT_PREEMPTED)
 
     def poll(self, step: int) -> tuple[bool, bool]:
         """(save now, then stop), agreed by every process: a request on any process

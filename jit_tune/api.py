@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from transformers import AutoTokenizer, GenerationConfig
 
 from jit_tune import mesh as mesh_lib
-from jit_tune.config import ConfigError, apply_override, config_from_dict, default_config, load_config, validate
+from jit_tune.config import SAVED_CONFIG_KEYS, ConfigError, apply_override, config_from_dict, default_config, load_config, validate
 from jit_tune.files import atomic_directory, mark_output, read_json, replaceable_output, written_by_main
 from jit_tune.data.render import prompt_ids
 from jit_tune.data.registry import build_registry
@@ -59,7 +59,7 @@ def saved_config(workdir: str | Path, overrides: Sequence[str] = (), check_files
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no such file; is {workdir} a jit-tune workdir?")
-    values = read_json(config_path)
+    values = read_json(config_path, keys=SAVED_CONFIG_KEYS)
     config = config_from_dict(values, str(config_path), check_files=False)
     config.unlock()
     sources = {apply_override(config, item): f"command line {item}" for item in overrides}

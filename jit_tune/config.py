@@ -746,26 +746,31 @@ def config_from_dict(values: dict, source: str, check_files: bool = True) -> ml_
     collections (mixture, tasks, groups) taken whole; validated and locked. Fields the
     saved config lacks (it predates them) keep their defaults."""
     config = default_config()
-    update_from_saved(config, values, COLLECTIONS,
-                      lambda field: f"{source}: unknown field config.{field} (saved by another version of jit_tune?)")
+    update_from_saved(config, values, COLLECTIONS, source, "config")
     validate(config, source, check_files=check_files)
     config.lock()
     return config
 
 
-def update_from_saved(node: ml_collections.ConfigDict, saved: dict, collections, unknown, prefix: str = "") -> None:
-    """Set `node`'s fields from a saved dict (config.json, a manifest): nested sections
-    field by field, so fields the saved dict predates keep their defaults; `collections`
-    (dotted names) taken whole; lists back to tuples. `unknown(field)` is the error
-    message for a field the defaults lack."""
+def update_from_saved(node: ml_collections.ConfigDict, saved: dict, collections, source: str, kind: str,
+                      prefix: str = "") -> None:
+    """Set `node`'s fields from a saved dict (config.json, a manifest; `source` names
+    it, `kind` is "config" or "sweep"): nested sections field by field, so fields the
+    saved dict predates keep their defaults; `collections` (dotted names) taken whole;
+    lists back to tuples. A field the defaults lack, or a section that is not a JSON
+    object, is a ConfigError."""
     for key, value in saved.items():
         field = f"{prefix}{key}"
         if key not in node:
-            raise ConfigError(unknown(field))
+            raise ConfigError(f"{source}: unknown {kind} field {field} (saved by another version of jit_tune?)")
+        section = field in collections or isinstance(node[key], ml_collections.ConfigDict)
+        if section and not isinstance(value, dict):
+            raise ConfigError(f"{source}: {kind}.{field}: expected a section (a JSON object {{...}}), found "
+                              f"{json.dumps(value)[:80]}; the file was left as it is")
         if field in collections:
             node[key] = ml_collections.ConfigDict(value)
         elif isinstance(node[key], ml_collections.ConfigDict):
-            update_from_saved(node[key], value, collections, unknown, f"{field}.")
+            update_from_saved(node[key], value, collections, source, kind, f"{field}.")
         else:
             node[key] = _as_tuples(value) if isinstance(node[key], tuple) else value
 
@@ -777,6 +782,10 @@ def _as_tuples(value):
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     """The config as JSON-ready values (tuples become lists)."""
     return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+# Sections every config.json has held: a file without them was not written by jit_tune.
+SAVED_CONFIG_KEYS = ("model", "data", "train")
 
 
 def save_config(config: ml_collections.ConfigDict, path: Path) -> None:

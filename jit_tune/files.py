@@ -60,17 +60,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def read_json(path: str | Path, advice: str = ""):
-    """A JSON file jit_tune wrote (or a person edited); one that does not parse is a
-    ConfigError naming the file, line and column, and is left as it is."""
+def read_json(path: str | Path, advice: str = "", keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object jit_tune wrote (or a person edited), with `keys` at its top level;
+    one that does not parse, or is not such an object, is a ConfigError naming the file
+    (and line and column), and is left as it is."""
     from jit_tune.config import ConfigError
 
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{path}{why}; the file was left as it is" + (f": {advice}" if advice else ""))
+
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f":{e.lineno}: not valid JSON ({e.msg} at column {e.colno})" if isinstance(
-            e, json.JSONDecodeError) else f": not UTF-8 text ({e.reason} at byte {e.start})"
-        raise ConfigError(f"{path}{where}; the file was left as it is" + (f": {advice}" if advice else "")) from None
+        raise refuse(f":{e.lineno}: not valid JSON ({e.msg} at column {e.colno})" if isinstance(
+            e, json.JSONDecodeError) else f": not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(value, dict):
+        raise refuse(f": expected a JSON object ({{...}}), found {type(value).__name__}")
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise refuse(f": expected the field{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}, which "
+                     "jit_tune writes there; not found")
+    return value
 
 
 def atomic_write_json(path: str | Path, value) -> None:

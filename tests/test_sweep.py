@@ -151,6 +151,8 @@ def test_a_saved_sweep_reloads_on_todays_defaults_and_an_unknown_field_is_named(
         sweep_from_dict({**saved, "space": {"pointz": 5}}, "s's manifest")
     with pytest.raises(ConfigError, match=r"s's manifest: sweep.space.points = None: expected an integer"):
         sweep_from_dict({**saved, "space": {"points": None}}, "s's manifest")
+    with pytest.raises(ConfigError, match=r"s's manifest: sweep.space: expected a section \(a JSON object"):
+        sweep_from_dict({**saved, "space": [5]}, "s's manifest")
 
 
 def test_a_damaged_manifest_is_named_left_as_it_is_and_planning_again_restores_it(tmp_path, capsys):
@@ -165,6 +167,11 @@ def test_a_damaged_manifest_is_named_left_as_it_is_and_planning_again_restores_i
     assert re.search(rf"error: {manifest}:\d+: not valid JSON \(.* at column \d+\); the file was left as it is: "
                      "move it aside and run `jit-tune sweep plan`", err)
     assert manifest.read_text() == whole[: len(whole) // 2]
+    for wrong, said in (("[]", r"expected a JSON object \(\{...\}\), found list"),
+                        ('{"runs": []}', "expected the fields 'config', 'units', 'sizes', 'prior', 'left_out', which")):
+        manifest.write_text(wrong)  # parses, but is not a manifest
+        assert main(["sweep", "run", "--dir", str(directory), "--dry-run"]) == 2
+        assert re.search(rf"error: {manifest}: {said}.*left as it is: move it aside", capsys.readouterr().err)
     manifest.rename(directory / "manifest.damaged")
     assert main(["sweep", "plan", "--sweep", SMOKE, "--dir", str(directory)]) == 0
     assert json.loads(manifest.read_text())["runs"] == json.loads(whole)["runs"]

@@ -173,6 +173,18 @@ def test_resume_with_an_incompatible_config_is_a_clear_error_and_eval_or_export_
     params = [nnx.state(load_workdir(workdir, overrides)[2], nnx.Param) for overrides in
               ([], ["--config.optimizer.grad_clip=0.0"])]
     assert all(np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, params), strict=True))
+    assert main(["eval", "--workdir", str(workdir), "--config.model.mlp_dim=40"]) == 2  # the parameters' shapes
+    err = capsys.readouterr().err
+    assert "do not fit this config" in err and "cannot be read" not in err and "Traceback" not in err
+    assert "parameter blocks/0/mlp/down_FxD: (128, 64) in the checkpoint, (40, 64) for this config" in err
+    config = workdir / "config.json"  # JSON, but not a config jit_tune wrote
+    for wrong, said in (("[]", r"expected a JSON object ({...}), found list"),
+                        ("{}", "expected the fields 'model', 'data', 'train', which jit_tune writes there"),
+                        ('{"model": 3, "data": {}, "train": {}}', "config.model: expected a section")):
+        config.write_text(wrong)
+        assert main(["eval", "--workdir", str(workdir)]) == 2
+        err = capsys.readouterr().err
+        assert f"{config}: {said}" in err and "left as it is" in err and config.read_text() == wrong, err
 
 
 def test_a_damaged_latest_checkpoint_is_named_with_the_way_back(tmp_path, capsys):
@@ -209,6 +221,8 @@ def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path):
     workdir = tmp_path / "run"
     args = ["train", "--config", "configs/tiny.py:smoke", "--workdir", str(workdir)]
     assert main(args + ["--config.train.steps=3", "--config.train.log_every=1"]) == 0
+    with open(workdir / "metrics.jsonl", "a") as metrics:  # JSON that is not a step's record, and half a line
+        metrics.write('[1, 2]\n{"step": 9, "lo')
     assert main(args + ["--config.data.mixture.reverse=50.0", "--config.train.log_every=1"]) == 0
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     reverse = {m["step"]: m["mixture/reverse"] for m in logged if "mixture/reverse" in m}

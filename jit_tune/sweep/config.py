@@ -85,8 +85,7 @@ def sweep_from_dict(values: dict, source: str) -> ml_collections.ConfigDict:
     """A sweep config saved in a manifest, on today's defaults (fields it predates keep
     their defaults), validated."""
     sweep = default_sweep_config()
-    update_from_saved(sweep, values, ("space.grid", "target.metrics"),
-                      lambda field: f"{source}: unknown sweep field {field}")
+    update_from_saved(sweep, values, ("space.grid", "target.metrics"), source, "sweep")
     validate_sweep(sweep, source)
     return sweep
 

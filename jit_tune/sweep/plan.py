@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from ml_collections import ConfigDict
 
-from jit_tune.config import ConfigError, config_to_dict, load_config
+from jit_tune.config import SAVED_CONFIG_KEYS, ConfigError, config_to_dict, load_config
 from jit_tune.data.registry import build_registry
 from jit_tune.files import atomic_write_json, read_json
 from jit_tune.sweep import space
@@ -27,6 +27,8 @@ MANIFEST = "manifest.json"
 # The plan is a function of the sweep config, and runs' results live in their workdirs.
 MANIFEST_ADVICE = ("move it aside and run `jit-tune sweep plan` with the same sweep config into this directory: it "
                    "plans the same runs, and finished runs are found in their workdirs")
+MANIFEST_KEYS = ("config", "units", "sizes", "prior", "left_out", "runs")
+RESULTS_KEYS = ("step", "results")  # of a run's eval/results.json (eval.report.save_results)
 FAILED = ".sweep_failed"
 
 
@@ -85,7 +87,7 @@ def plan(sweep: ConfigDict, sweep_spec: str, directory: Path) -> dict:
                 "runs": runs}
     path = directory / MANIFEST
     if path.is_file():
-        existing = read_json(path, MANIFEST_ADVICE)
+        existing = read_json(path, MANIFEST_ADVICE, MANIFEST_KEYS)
         planned = [r for r in existing["runs"] if r["kind"] == "proxy"]
         if [(r["id"], r["mixture"]) for r in planned] != [(r["id"], r["mixture"]) for r in runs]:
             raise ConfigError(f"{path}: this directory holds a different plan; plan the changed sweep into a new "
@@ -99,7 +101,7 @@ def load_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; run `jit-tune sweep plan` first")
-    return read_json(path, MANIFEST_ADVICE)
+    return read_json(path, MANIFEST_ADVICE, MANIFEST_KEYS)
 
 
 def save_manifest(directory: Path, manifest: dict) -> None:
@@ -111,8 +113,8 @@ def status(run: dict) -> str:
     workdir = Path(run["workdir"])
     results, config = workdir / "eval" / "results.json", workdir / "config.json"
     if results.is_file() and config.is_file():
-        steps = read_json(config)["train"]["steps"]
-        if read_json(results)["step"] == steps:
+        steps = read_json(config, keys=SAVED_CONFIG_KEYS)["train"]["steps"]
+        if read_json(results, keys=RESULTS_KEYS)["step"] == steps:
             return "finished"
     if (workdir / FAILED).is_file():
         return "failed"

@@ -52,6 +52,13 @@ def _causes(error: BaseException) -> list[BaseException]:
     return chain
 
 
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"blocks/0/mlp/up_DxF": shape} of a tree of arrays or of Orbax's array metadata
+    (whose keys are strings where the model's may be integers)."""
+    return {"/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int, keep_every: int = 0, config: ConfigDict | None = None):
         """Keeps the last `keep` checkpoints, and every one whose step is a multiple of
@@ -126,6 +133,7 @@ class Checkpointer:
             items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = StreamsRestore(data_iterator)
+        self._check_shapes(step, target)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax wraps TensorStore's read errors in a bare Exception
@@ -135,17 +143,33 @@ class Checkpointer:
                 raise
             if "do not match" not in str(damage):
                 raise self._unreadable(step, damage) from e
-            raise ConfigError(
-                f"{self.manager.directory}/{step}: the checkpoint's parameters or optimizer state do not fit "
-                "this config (were config.model or config.optimizer changed in a way that alters the state, "
-                "e.g. layer sizes or turning grad_clip on/off?); resume with the config saved in the "
-                "workdir's config.json, or start a new workdir"
-            ) from None
+            raise self._does_not_fit(step) from None
         nnx.replace_by_pure_dict(model_state, restored.state["model"])
         nnx.update(model, model_state)
         if optimizer is not None:
             nnx.replace_by_pure_dict(optimizer_state, restored.state["optimizer"])
             nnx.update(optimizer, optimizer_state)
+
+    def _check_shapes(self, step: int, target: dict) -> None:
+        """The config's parameter shapes against the checkpoint's, before reading it: a
+        changed layer size is named, not mistaken for a damaged file. Metadata that
+        cannot be read is left to the restore, which says so."""
+        try:
+            stored = ocp.StandardCheckpointHandler().metadata(Path(self.manager.directory) / str(step) / "state")
+            stored = _shapes(stored["model"])
+        except Exception:  # noqa: BLE001 - any damage is reported by the restore itself
+            return
+        for name, shape in _shapes(target["model"]).items():
+            if name in stored and stored[name] != shape:
+                raise self._does_not_fit(step, f"parameter {name}: {stored[name]} in the checkpoint, {shape} for "
+                                                "this config")
+
+    def _does_not_fit(self, step: int, detail: str = "") -> ConfigError:
+        return ConfigError(
+            f"{self.manager.directory}/{step}: the checkpoint's parameters or optimizer state do not fit this config"
+            + (f" ({detail})" if detail else "") + "; were config.model or config.optimizer changed in a way that "
+            "alters the state, e.g. layer sizes or turning grad_clip on/off? Resume with the config saved in the "
+            "workdir's config.json, or start a new workdir")
 
     def _unreadable(self, step: int, error: Exception) -> ConfigError:
         """A damaged checkpoint (a truncated file, a folder left empty): named, with the

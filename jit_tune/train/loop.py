@@ -27,7 +27,7 @@ from ml_collections import ConfigDict
 from transformers import PreTrainedTokenizerBase
 
 from jit_tune import mesh as mesh_lib
-from jit_tune.config import ConfigError, config_to_dict, save_config
+from jit_tune.config import SAVED_CONFIG_KEYS, ConfigError, config_to_dict, save_config
 from jit_tune.data.pipeline import run_tokenizer, train_dataset
 from jit_tune.data.registry import TaskRegistry, build_registry
 from jit_tune.data.streams import StreamsIterator
@@ -59,7 +59,7 @@ def saved_config(checkpointer: Checkpointer, step: int, workdir: Path) -> dict |
         return checkpointer.saved_run(step)["config"]
     except (FileNotFoundError, KeyError, ValueError):
         path = workdir / "config.json"
-        return read_json(path) if path.is_file() else None
+        return read_json(path, keys=SAVED_CONFIG_KEYS) if path.is_file() else None
 
 
 @dataclasses.dataclass

@@ -35,14 +35,14 @@ class Tracker(Protocol):
 
 
 def _read_records(path: Path) -> list[dict]:
-    """The whole JSON lines of metrics.jsonl; a line cut short by a kill is dropped."""
+    """The whole JSON objects of metrics.jsonl; a line cut short by a kill is dropped."""
     records = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return records
+    return [record for record in records if isinstance(record, dict)]
 
 
 def last_logged_step(workdir: Path) -> int:

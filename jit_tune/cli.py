@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # would mislead. Imported here so that `--help` answers without loading JAX.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from jit_tune.config import ConfigError
+    from jit_tune.data.mixture import MixtureError
     from jit_tune.data.sources import SourceError
     from jit_tune.distributed import DistributedError
     from jit_tune.topology import TopologyError

@@ -634,7 +634,7 @@ def _task_spec_problems(config: ml_collections.ConfigDict, path: str) -> list[st
 
 def _mixture_problems(config: ml_collections.ConfigDict, path: str) -> list[str]:
     """Structure of the nested mixture, checked before any file is opened: every name a
-    task or a group, rules known (sizes are placeholders here)."""
+    task or a group, rules known (file tasks' sizes are placeholders here)."""
     from jit_tune.data.mixture import MixtureError, task_rates
 
     d = config.data
@@ -661,9 +661,12 @@ def _mixture_problems(config: ml_collections.ConfigDict, path: str) -> list[str]
             return [f"{path}: config.data.groups.{name}: missing {sorted(missing)}"]
         groups[name] = {"cap": 0, "temperature": 1.0, **values}
     try:
-        trained = set(task_rates(dict(d.mixture), groups, {n: 1.0 for n in names}))
+        # Built-in tasks are generated (unbounded); data files' sizes are not read here.
+        sizes = {n: math.inf if n in builtin_tasks.TASKS_BY_NAME else 1.0 for n in names}
+        trained = set(task_rates(dict(d.mixture), groups, sizes))
     except MixtureError as e:
-        return [f"{path}: {e}"]
+        named = re.match(r"config\.data\.\w+\.([^\s.:=]+)", str(e))  # the group or mixture entry at fault
+        return [f"{path}{_line_setting(path, named.group(1)) if named else ''}: {e}"]
     return _eval_problems(config, path, names, groups, trained)
 
 

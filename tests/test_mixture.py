@@ -59,17 +59,23 @@ def test_bad_mixtures_are_named(mixture, groups, message):
         task_rates(mixture, groups, SIZES)
 
 
-def test_bad_group_in_a_config_is_rejected_at_load(tmp_path):
+@pytest.mark.parametrize("group, message", [
+    ("{'tasks': ('reverse', 'sortt'), 'rule': 'equal'}", r"config.data.groups.g.tasks: \['sortt'\] are neither tasks"),
+    # built-in tasks are generated: examples-proportional needs a cap (found at load, not once training starts)
+    ("{'tasks': ('reverse', 'sort'), 'rule': 'examples'}", "config.data.groups.g: rule 'examples' holds generated "
+                                                           "tasks of unbounded size: expected a cap > 0"),
+])
+def test_bad_group_in_a_config_is_rejected_at_load_with_its_line(tmp_path, group, message):
     from jit_tune.config import ConfigError, load_config
 
     path = tmp_path / "cfg.py"
     path.write_text(
         "from ml_collections import ConfigDict\nfrom jit_tune.config import default_config\n\n"
         "def get_config():\n    c = default_config()\n"
-        "    c.data.groups = ConfigDict({'g': {'tasks': ('reverse', 'sortt'), 'rule': 'equal'}})\n"
+        f"    c.data.groups = ConfigDict({{'g': {group}}})\n"
         "    c.data.mixture = ConfigDict({'g': 1.0})\n    return c\n"
     )
-    with pytest.raises(ConfigError, match=rf"{path}: config.data.groups.g.tasks: \['sortt'\] are neither tasks"):
+    with pytest.raises(ConfigError, match=rf"{path}:6: {message}"):
         load_config(str(path))
 
 

@@ -52,6 +52,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as e:  # named as the file the user knows: a write's error names none, an open's the temporary
+        if e.filename not in (None, str(temporary)):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -2,6 +2,8 @@
 documented code; kill -9 in the middle of a save leaves the previous checkpoint
 restorable."""
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -11,6 +13,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from jit_tune.train.preemption import EXIT_PREEMPTED
 
@@ -189,3 +193,41 @@ def test_a_write_the_file_system_refuses_exits_5_naming_the_file_and_the_rerun_r
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 6
     assert main([*smoke, "--config.train.steps=6"]) == 0
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+
+
+@contextlib.contextmanager
+def _file_size_limit(size: int):
+    """A full disk for files growing past `size` bytes, in this process (Python ignores
+    SIGXFSZ: the write fails with EFBIG, as with ENOSPC)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_tensorboard_or_metrics_write_the_disk_refuses_stops_the_loop_naming_the_file(tmp_path):
+    """SummaryWriter's thread died on a full disk and the next window waited forever on
+    its queue; a metrics.jsonl write said only 'File too large'."""
+    from jit_tune.train.trackers import JsonlTracker, TensorBoardTracker
+
+    for tracker, named in ((TensorBoardTracker(tmp_path), tmp_path / "tensorboard"),
+                           (JsonlTracker(tmp_path), tmp_path / "metrics.jsonl")):
+        with _file_size_limit(4096), pytest.raises(OSError) as refused:
+            for step in range(1, 1000):
+                tracker.log(step, {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5})
+        assert refused.value.errno == errno.EFBIG and refused.value.filename == str(named)
+
+
+def test_an_atomic_write_the_disk_refuses_names_the_file_and_keeps_the_old_one(tmp_path):
+    from jit_tune.files import atomic_write_bytes
+
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with _file_size_limit(4096), pytest.raises(OSError) as refused:
+        atomic_write_bytes(path, b"x" * 8192)
+    assert refused.value.errno == errno.EFBIG and refused.value.filename == str(path)  # not the temporary's
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

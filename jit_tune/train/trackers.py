@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Protocol
 
 import jax
 from ml_collections import ConfigDict
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.summary import scalar
 
 from jit_tune.config import WANDB_MISSING, ConfigError, config_to_dict
 from jit_tune.files import atomic_write_text
@@ -75,8 +78,11 @@ class JsonlTracker:
         else:
             record = {"step": step, **({"group": self.group} if self.group else {}), **metrics}
             self.last_offset = self.file.tell()
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a write's error names no file
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         self.last = record
 
     def close(self) -> None:
@@ -87,20 +93,45 @@ class TensorBoardTracker:
     """The numbers in workdir/tensorboard. Every run purges the events of earlier runs
     from `start_step` on (step 0 too: a run killed before its first checkpoint was
     final leaves events that its restart logs again), and writes the kept line of
-    start_step again."""
+    start_step again.
+
+    Events are written and flushed here, a logging window at a time, not by
+    SummaryWriter's thread: that thread dies on a full disk, and the next window's
+    scalars would wait on its queue forever; here the write fails in the loop, which
+    stops the run (exit 5) with its checkpoints kept."""
 
     def __init__(self, workdir: Path, start_step: int = 0, start_line: dict | None = None):
-        self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step)
+        self.directory = Path(workdir) / "tensorboard"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # A name per writer, in the order written (TensorBoard reads files in name order):
+        # tensorboardX's own names repeat within a second, and a restart's would overwrite.
+        self.events = self._written(lambda: EventsWriter(str(self.directory / "events"),
+                                                         f".{time.time_ns():020d}"))
+        self._write([Event(step=start_step, session_log=SessionLog(status=SessionLog.START))])
         if start_line:
             self.log(start_step, {k: v for k, v in start_line.items() if k != "step"})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)):
-                self.writer.add_scalar(name, value, step)
+        now = time.time()
+        self._write([Event(wall_time=now, step=step, summary=scalar(name, value)) for name, value in metrics.items()
+                     if isinstance(value, (int, float))])
+
+    def _write(self, events: list) -> None:
+        def write():
+            for event in events:
+                self.events.write_event(event)
+            self.events.flush()
+
+        self._written(write)
+
+    def _written(self, write):
+        try:
+            return write()
+        except OSError as e:  # the events file's own error names no file
+            raise OSError(e.errno, e.strerror, str(self.directory)) from e
 
     def close(self) -> None:
-        self.writer.close()
+        self._written(self.events.close)
 
 
 class WandbTracker:

@@ -129,6 +129,12 @@ def test_held_out_templates_are_scored_not_trained(tmp_path, smoke_config):
     (dict(shots=0), "shots = 0: expected a positive integer"),
     (dict(syntax="mustache"), "syntax = 'mustache': expected one of"),
     (dict(typo=1), "unknown keys ['typo']"),
+    # a field in the other syntax reads nothing: every example would get the same text
+    (dict(templates=[("Review: {review}", "{{label}}")]), "reads no field of the record, so every example would get "
+     "the same text; expected a template naming fields; {review} is the format syntax's way to name a field"),
+    (dict(syntax="format", templates=[("{review}", "{{ label }}")]), "templates[0].completion = '{{ label }}': reads "
+     "no field"),
+    (dict(templates=[("{{review}}", "positive")]), "templates[0].completion = 'positive': reads no field"),
 ])
 def test_bad_template_specs_name_the_config_key(tmp_path, smoke_config, change, message):
     with pytest.raises(SourceError, match="config.data.tasks.reviews") as error:

@@ -19,11 +19,13 @@ random template sampling is. On top of the template, as in FLAN 2022:
 from __future__ import annotations
 
 import dataclasses
+import re
 import string
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 
 import jinja2
+import jinja2.meta
 import numpy as np
 
 from jit_tune.data.sources import SourceError, a_type
@@ -63,17 +65,30 @@ class Template:
 
 
 def _compile(text, syntax: str, where: str) -> Callable[[Mapping], str]:
+    """The template's render function. A template that reads no field renders the same
+    text for every record, most often a field written in the other syntax: refused."""
     if not isinstance(text, str):
         raise SourceError(f"{where}: is {a_type(text)}, expected a template string")
     if syntax == "jinja":
         try:
-            return _JINJA.from_string(text).render
+            reads = jinja2.meta.find_undeclared_variables(_JINJA.parse(text))
         except jinja2.TemplateSyntaxError as e:
             raise SourceError(f"{where}: Jinja syntax error on its line {e.lineno}: {e.message}") from None
-    try:
-        list(string.Formatter().parse(text))
-    except ValueError as e:
-        raise SourceError(f"{where}: format string error: {e}") from None
+        other = re.search(r"(?<!\{)\{\w+\}(?!\})", text)
+    else:
+        try:
+            reads = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+        except ValueError as e:
+            raise SourceError(f"{where}: format string error: {e}") from None
+        other = re.search(r"\{\{\s*\w+\s*\}\}", text)
+    if not reads:
+        hint = (f"; {other.group()} is the {'format' if syntax == 'jinja' else 'jinja'} syntax's way to name a "
+                f"field (this task's syntax is {syntax!r}: {'{{field}}' if syntax == 'jinja' else '{field}'})"
+                if other else "")
+        raise SourceError(f"{where} = {text[:80]!r}: reads no field of the record, so every example would get the "
+                          f"same text; expected a template naming fields{hint}")
+    if syntax == "jinja":
+        return _JINJA.from_string(text).render
     return lambda fields: text.format_map(fields)
 
 

@@ -62,6 +62,9 @@ def test_contamination_shares_and_flag_at_threshold():
     warnings = [line for line in lines if line.startswith("WARNING")]
     assert [w.split()[1] for w in warnings] == ["above", "ngram"]
     assert "2.0%" in warnings[1] and "13-gram" in warnings[1]
+    generated = contamination(index, {"ngram": ["x " + TRAIN, TRAIN + " y"], "above": [SHORT, TRAIN]},
+                              generated=frozenset({"ngram", "above"}))  # n-grams are chance; exact matches are not
+    assert not generated["ngram"]["flagged"] and generated["above"]["flagged"]
 
 
 def test_large_index_has_no_duplicate_ngrams():

@@ -82,10 +82,15 @@ class TrainingIndex:
         return exact, ngram
 
 
-def contamination(index: TrainingIndex, eval_texts: dict[str, list[str]]) -> dict[str, dict]:
+def contamination(index: TrainingIndex, eval_texts: dict[str, list[str]],
+                  generated: frozenset[str] = frozenset()) -> dict[str, dict]:
     """Per task: {"examples", "exact", "ngram", "flagged", "n"}, where exact and ngram are
     the shares of the task's texts with an exact match or a shared n-gram, flagged says
-    whether either share is above THRESHOLD, and n is the index's n-gram length."""
+    whether either share is above THRESHOLD, and n is the index's n-gram length.
+
+    For `generated` tasks (built-in: training and evaluation drawn from one generator
+    over a small vocabulary) a shared n-gram is chance, not a copied passage: only exact
+    matches flag them."""
     results = {}
     for task, texts in eval_texts.items():
         hits = np.array([index.overlaps(t) for t in texts], bool).reshape(-1, 2)
@@ -94,7 +99,7 @@ def contamination(index: TrainingIndex, eval_texts: dict[str, list[str]]) -> dic
             "examples": len(texts),
             "exact": exact,
             "ngram": ngram,
-            "flagged": exact > THRESHOLD or ngram > THRESHOLD,
+            "flagged": exact > THRESHOLD or (ngram > THRESHOLD and task not in generated),
             "n": index.n,
         }
     return results

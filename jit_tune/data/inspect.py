@@ -64,7 +64,7 @@ def check_contamination(config: ConfigDict, registry: TaskRegistry) -> dict:
     index = TrainingIndex(training_texts(config, registry))
     eval_texts = {name: [_text({"messages": e.messages}) for e in task_examples(config, registry, name)]
                   for name in registry.eval_tasks}
-    return contamination(index, eval_texts)
+    return contamination(index, eval_texts, frozenset(builtin_tasks.TASKS_BY_NAME))
 
 
 def inspect_data(config: ConfigDict, tokenizer: PreTrainedTokenizerBase, registry: TaskRegistry, n_show: int = 3,

@@ -689,6 +689,13 @@ def _eval_problems(config: ml_collections.ConfigDict, path: str, names: set[str]
             problems.append(f"{where('clusters')}.{name} = {values!r}: expected a dict with 'tasks' (names) and "
                             "optionally 'held_out' (bool)")
             continue
+        if not _names(values["tasks"]):
+            problems.append(f"{where('clusters')}.{name}.tasks = {values['tasks']!r}: expected a non-empty tuple of "
+                            "task names")
+            continue
+        if not isinstance(values.get("held_out", False), bool):
+            problems.append(f"{where('clusters')}.{name}.held_out = {values['held_out']!r}: expected True or False")
+            continue
         unknown = [t for t in values["tasks"] if t not in names]
         if unknown:
             problems.append(f"{where('clusters')}.{name}.tasks: {unknown} are not tasks; known: "
@@ -706,10 +713,18 @@ def _eval_problems(config: ml_collections.ConfigDict, path: str, names: set[str]
         if name not in known or not values or set(values) - EVAL_METRIC_FIELDS:
             problems.append(f"{where('metrics')}.{name}: expected a task, group or cluster name with a dict of "
                             "'metrics' and/or 'normalize'")
+        elif not all(_names(values[key]) for key in values):
+            problems.append(f"{where('metrics')}.{name} = {values!r}: 'metrics' and 'normalize' are tuples of "
+                            "names, e.g. ('exact_match',)")
         elif set(values.get("metrics", ())) - set(METRICS) or set(values.get("normalize", ())) - set(NORMALIZATIONS):
             problems.append(f"{where('metrics')}.{name} = {values!r}: metrics are some of {', '.join(METRICS)}; "
                             f"normalize some of {', '.join(NORMALIZATIONS)}")
     return problems
+
+
+def _names(value) -> bool:
+    """A non-empty tuple (or list) of names: not a bare string, whose letters would be read one by one."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
 
 
 def _template_problems(config: ml_collections.ConfigDict, path: str) -> list[str]:

@@ -64,6 +64,14 @@ def test_a_held_out_cluster_cannot_be_trained_on(tmp_path):
         load_config(str(_config_file(tmp_path, "c.eval.tasks = ('sortt',)")))
     with pytest.raises(ConfigError, match=r"config.eval.metrics.sort = .*metrics are some of"):
         load_config(str(_config_file(tmp_path, "c.eval.metrics.sort = dict(metrics=('bleu',))")))
+    for setting, said in (("c.eval.clusters.c = dict(tasks='sort')", r"clusters.c.tasks = 'sort': expected a non-empty "
+                                                                      "tuple of task names"),
+                          ("c.eval.clusters.c = dict(tasks=('sort',), held_out='no')", r"clusters.c.held_out = 'no': "
+                                                                                        "expected True or False"),
+                          ("c.eval.metrics.sort = dict(metrics='exact_match')", r"metrics.sort = .*'metrics' and "
+                                                                                 "'normalize' are tuples of names")):
+        with pytest.raises(ConfigError, match=said):  # a string's letters are not names
+            load_config(str(_config_file(tmp_path, setting)))
 
 
 def test_the_default_metric_rule_and_its_overrides(tmp_path):

@@ -107,11 +107,23 @@ def logits(model: Decoder, input_ids, positions=None, segment_ids=None) -> jax.A
     return model(input_ids, jnp.asarray(positions), jnp.asarray(segment_ids))[0]
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Generation's settings, named (as the CLI's flags) when out of range."""
+    problems = [f"--{flag} {value}: expected {expected}" for flag, value, ok, expected in (
+        ("max-new-tokens", max_new_tokens, max_new_tokens >= 1, "an integer >= 1"),
+        ("temperature", temperature, 0 <= temperature < float("inf"), "a finite number >= 0 (0: greedy)"),
+        ("top-k", top_k, top_k >= 0, "an integer >= 0 (0: no top-k cut)"),
+        ("top-p", top_p, 0 < top_p <= 1, "a number in (0, 1]")) if not ok]
+    if problems:
+        raise ConfigError("generate: " + "; ".join(problems))
+
+
 def generate_text(model: Decoder, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   stop: Sequence[str] = ()) -> list[str]:
     """Replies to user prompts, rendered with the tokenizer's chat template; each reply
     ends at EOS, at `max_new_tokens`, or before the first of the `stop` strings."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outs = generate(model, ids, max_new_tokens, tokenizer.eos_token_id, pad, batch=len(ids),

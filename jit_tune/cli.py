@@ -309,6 +309,7 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.verb == "generate":
         from jit_tune import api
 
+        api.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading a model
         if args.workdir:
             _, tokenizer, model, _, _ = api.load_workdir(args.workdir, overrides)
         else:

@@ -157,3 +157,13 @@ def test_orbax_callbacks_into_its_closed_event_loop_are_not_printed():
     hook(closed)
     hook(other)
     assert shown == [other]
+
+
+def test_generate_s_sampling_flags_are_checked_before_a_model_loads(tmp_path, capsys):
+    for flags, said in ((["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0"),
+                        (["--top-p", "0", "--max-new-tokens", "0"], "--max-new-tokens 0: expected an integer >= 1; "
+                                                                   "--top-p 0.0: expected a number in (0, 1]"),
+                        (["--top-k", "-2"], "--top-k -2: expected an integer >= 0")):
+        # the workdir does not exist: the flags are refused before it is looked at
+        assert main(["generate", "--workdir", str(tmp_path / "none"), "--prompt", "hi", *flags]) == 2
+        assert f"jit-tune generate: error: generate: {said}" in capsys.readouterr().err

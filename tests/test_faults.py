@@ -231,3 +231,14 @@ def test_an_atomic_write_the_disk_refuses_names_the_file_and_keeps_the_old_one(t
         atomic_write_bytes(path, b"x" * 8192)
     assert refused.value.errno == errno.EFBIG and refused.value.filename == str(path)  # not the temporary's
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_sweep_plan_the_disk_refuses_names_the_manifest_and_leaves_no_directory(tmp_path, capsys):
+    from jit_tune.cli import main
+
+    directory = tmp_path / "sweep"
+    with _file_size_limit(1024):  # the manifest is larger
+        code = main(["sweep", "plan", "--sweep", "configs/sweep_tiny.py", "--dir", str(directory)])
+    assert code == 5
+    assert f"the file system refused: File too large: {directory}/manifest.json" in capsys.readouterr().err
+    assert not directory.exists()

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jit_tune.config import ConfigError
-from jit_tune.files import atomic_write_json, read_json
+from jit_tune.files import atomic_write_json, no_empty_folders_on_error, read_json
 from jit_tune.sweep import fit as fit_lib
 from jit_tune.sweep import plan as plan_lib
 from jit_tune.sweep.collect import collect
@@ -48,7 +48,8 @@ def _weights_table(manifest: dict, runs: list[dict], title: str) -> Table:
 
 
 def plan(sweep: ConfigDict, spec: str, directory: Path) -> dict:
-    manifest = plan_lib.plan(sweep, spec, directory)
+    with no_empty_folders_on_error(directory):  # a manifest the disk refused leaves no empty sweep directory
+        manifest = plan_lib.plan(sweep, spec, directory)
     console.print(_weights_table(manifest, manifest["runs"], f"Sweep {manifest['name']}: {len(manifest['runs'])} runs "
                                  f"in {directory} (units: mixture entries of {manifest['base']})"))
     if manifest["left_out"]:

@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 
 from jit_tune.cli import main
 from jit_tune.config import ConfigError
+from jit_tune.data.registry import build_registry
 from jit_tune.sweep import plan as plan_lib
 from jit_tune.sweep.config import load_sweep
 
@@ -43,6 +44,11 @@ def test_a_plan_is_deterministic_in_the_seed_and_kept_within_the_constraints(tmp
     assert [r["mixture"] for r in other["runs"]] != [r["mixture"] for r in first["runs"]]
     with pytest.raises(ConfigError, match="this directory holds a different plan"):
         plan_lib.plan(_sweep(seed=1, **{"space.points": 12}), SMOKE, tmp_path / "a")
+    typo = _sweep(**{"target.metrics": ConfigDict({"overall/unseen/heldin/loss": 1.0})})
+    with pytest.raises(ConfigError, match=r"sweep.target.metrics: 'overall/unseen/heldin/loss' \(did you mean "
+                                          r"'overall/unseen/held_in/loss'\?\): not a column of the runs' results"):
+        plan_lib.plan(typo, SMOKE, tmp_path / "d")  # found before any run trains
+    assert not (tmp_path / "d").exists()
 
 
 def test_grid_leave_one_out_and_task_count_spaces(tmp_path):
@@ -93,6 +99,10 @@ def test_a_sweep_runs_end_to_end_and_every_verb_reads_alone(tmp_path, capsys):
     for column in ("w/sort", "task/sort/held_in/exact_match", "cluster/counting/held_in/score",
                    "overall/unseen/held_in/loss", "task/count_unique/held_in/acc"):
         assert column in table.columns, column
+    # what planning checks sweep.target.metrics against covers every column collected
+    registry = build_registry(plan_lib.base_run_config(load_sweep(SMOKE)))
+    results = [c for c in table.columns if c.startswith(("task/", "cluster/", "overall/"))]
+    assert results and set(results) <= plan_lib.result_columns(registry)
     assert pd.read_csv(directory / "results.csv").shape == table.shape
     fit = json.loads((directory / "fit.json").read_text())
     assert set(fit["models"]) == {"linear", "lightgbm"} and fit["chosen"] in fit["models"]

@@ -13,6 +13,7 @@ config exists) or planned.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,39 @@ def examples_per_step(run_config: ConfigDict, registry) -> float:
     return starts / len(batches)
 
 
+def result_columns(registry) -> set[str]:
+    """Every column `collect` can read from the runs' eval/results.json (collect.flatten_results):
+    KIND/NAME/GROUP/METRIC, for the base config's eval tasks, its clusters, and the overall
+    sets; a task's metrics also as medians over its templates."""
+    from jit_tune.eval.metrics import METRICS
+
+    metrics = ("score", "loss", *METRICS)
+    names = [("task", name) for name in registry.eval_tasks] + [("cluster", name) for name in registry.clusters]
+    names += [("overall", name) for name in ("all", "trained", "unseen")]
+    return {f"{kind}/{name}/{group}/{median}{metric}" for kind, name in names for group in ("held_in", "held_out")
+            for metric in metrics for median in ("", "median_")[:1 + (kind == "task")]}
+
+
+def check_target(sweep: ConfigDict, registry) -> None:
+    """sweep.target.metrics name result columns: a typo is found when planning, not after
+    every run has trained."""
+    known = result_columns(registry)
+    unknown = [column for column in sweep.target.metrics if column not in known]
+    if unknown:
+        hints = [f"{c!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(c, known, 1))
+                             else "") for c in unknown]
+        raise ConfigError(f"sweep.target.metrics: {', '.join(hints)}: not a column of the runs' results; expected "
+                          "KIND/NAME/GROUP/METRIC: KIND task, cluster or overall; NAME an eval task or cluster of the "
+                          "base config, or all, trained, unseen; GROUP held_in or held_out; METRIC score, loss or a "
+                          "metric name (median_METRIC for a task)")
+
+
 def plan(sweep: ConfigDict, sweep_spec: str, directory: Path) -> dict:
     """The manifest for `sweep`, written to `directory` (deterministic from the sweep's
     seed). An existing manifest is kept when it plans the same runs, else refused."""
     run_config = base_run_config(sweep)
     registry = build_registry(run_config)
+    check_target(sweep, registry)
     units = units_of(sweep, run_config)
     sizes = space.unit_sizes(run_config, registry, units)
     prior = space.prior_weights(sweep.space.prior, sizes, sweep.space.cap)

@@ -215,7 +215,7 @@ def test_a_damaged_latest_checkpoint_is_named_with_the_way_back(tmp_path, capsys
     assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "hf"), "--step", "2"]) == 0
 
 
-def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path):
+def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path, capsys):
     from jit_tune.cli import main
 
     workdir = tmp_path / "run"
@@ -228,6 +228,10 @@ def test_changing_rates_on_resume_continues_with_the_new_mixture(tmp_path):
     reverse = {m["step"]: m["mixture/reverse"] for m in logged if "mixture/reverse" in m}
     assert max(reverse[s] for s in (1, 2, 3)) < 0.3  # 1 of 12 equal-ish rates before
     assert min(reverse[s] for s in (4, 5, 6)) > 0.5  # 50 / (50 + 15) after
+    capsys.readouterr()
+    assert main(args + ["--config.train.steps=4", "--config.optimizer.warmup_steps=1"]) == 0  # fewer than taken
+    assert "The run is at step 6, past train.steps = 4: nothing to train" in capsys.readouterr().err
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir()) == 6
 
 
 def test_data_streams_must_fit_the_processes_and_the_checkpoint(tmp_path, smoke_config, tokenizer):

@@ -193,6 +193,9 @@ def train(config: ConfigDict, workdir: str | Path, stop_at_step: int | None = No
                     _evaluate(model, tokenizer, config, registry, step, workdir, writer, progress)
             if step < last_step:
                 status(f"Training from step {step} to {last_step}")
+            elif step > t.steps:  # a run never goes back: fewer steps than it has taken train nothing
+                status(f"The run is at step {step}, past train.steps = {t.steps}: nothing to train; step {step} is "
+                       "kept and evaluated (to train fewer steps, start a new workdir)")
             while step < last_step:
                 save_now, stop_now = SIGNALS.poll(step)
                 if save_now:

@@ -167,3 +167,17 @@ def test_generate_s_sampling_flags_are_checked_before_a_model_loads(tmp_path, ca
         # the workdir does not exist: the flags are refused before it is looked at
         assert main(["generate", "--workdir", str(tmp_path / "none"), "--prompt", "hi", *flags]) == 2
         assert f"jit-tune generate: error: generate: {said}" in capsys.readouterr().err
+
+
+def test_a_workdir_given_as_a_hugging_face_dir_is_named_with_the_flag_to_use(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"model": {}, "data": {}, "train": {"steps": 6}}))
+    assert main(["generate", "--hf", str(workdir), "--prompt", "hi"]) == 2
+    assert f"{workdir} is a jit-tune workdir, not a Hugging Face model directory: generate and eval take it as " \
+           f"--workdir {workdir}" in capsys.readouterr().err
+    broken = tmp_path / "hf"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ')  # cut short
+    assert main(["generate", "--hf", str(broken), "--prompt", "hi"]) == 2
+    assert f"{broken}/config.json:1: not valid JSON" in capsys.readouterr().err

@@ -36,10 +36,18 @@ def init_from_directory(init_from: str | Path) -> Path:
 
 def decoder_config_from_hf_dir(directory: str | Path, dtype: str = "float32",
                                param_dtype: str = "float32") -> DecoderConfig:
+    from jit_tune.config import ConfigError
+    from jit_tune.files import read_json
+
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; expected a Hugging Face model directory")
-    fields = hf.decoder_fields_from_hf(json.loads(path.read_text()), str(path))
+    values = read_json(path)
+    if (Path(directory) / "checkpoints").is_dir() and "train" in values:  # a run's config.json
+        raise ConfigError(f"{directory} is a jit-tune workdir, not a Hugging Face model directory: generate and eval "
+                          f"take it as --workdir {directory}; `jit-tune export --workdir {directory} --out DIR` "
+                          "writes a Hugging Face directory of it")
+    fields = hf.decoder_fields_from_hf(values, str(path))
     return DecoderConfig(**fields, dtype=dtype, param_dtype=param_dtype)
 
 

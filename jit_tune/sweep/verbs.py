@@ -13,6 +13,7 @@ the sweep directory (the manifest holds the sweep's config from `plan` on):
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ from jit_tune.sweep.config import sweep_from_dict
 from jit_tune.sweep.propose import kl_divergence, propose
 from jit_tune.sweep.runner import failure, run_local
 
-console = Console()
+# Piped to a file or a scheduler's log, rich would squeeze the tables (a column per mixture
+# unit) into 80 columns and cut the numbers; there they take the width they need.
+console = Console(width=None if sys.stdout.isatty() else 10_000)
 
 
 def _sweep(manifest: dict) -> ConfigDict:

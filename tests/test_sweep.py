@@ -178,7 +178,7 @@ def test_a_damaged_manifest_is_named_left_as_it_is_and_planning_again_restores_i
                      "move it aside and run `jit-tune sweep plan`", err)
     assert manifest.read_text() == whole[: len(whole) // 2]
     for wrong, said in (("[]", r"expected a JSON object \(\{...\}\), found list"),
-                        ('{"runs": []}', "expected the fields 'config', 'units', 'sizes', 'prior', 'left_out', which")):
+                        ('{"name": "s"}', "expected the field 'runs', which jit_tune writes there; not found")):
         manifest.write_text(wrong)  # parses, but is not a manifest
         assert main(["sweep", "run", "--dir", str(directory), "--dry-run"]) == 2
         assert re.search(rf"error: {manifest}: {said}.*left as it is: move it aside", capsys.readouterr().err)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from jit_tune.config import SAVED_CONFIG_KEYS, ConfigError
+from jit_tune.config import ConfigError
 from jit_tune.files import atomic_write_text, read_json
-from jit_tune.sweep.plan import RESULTS_KEYS, load_manifest, status
+from jit_tune.sweep.plan import load_manifest, status
 
 
 def flatten_results(results: dict) -> dict[str, float]:
@@ -48,9 +48,9 @@ def collect(directory: Path, write: bool = True) -> pd.DataFrame:
         row.update({f"w/{unit}": run["mixture"].get(unit, 0.0) for unit in manifest["units"]})
         workdir = Path(run["workdir"])
         if (workdir / "config.json").is_file():
-            row["steps"] = read_json(workdir / "config.json", keys=SAVED_CONFIG_KEYS)["train"]["steps"]
+            row["steps"] = read_json(workdir / "config.json", keys=("train",))["train"]["steps"]
         if row["status"] == "finished":
-            row.update(flatten_results(read_json(workdir / "eval" / "results.json", keys=RESULTS_KEYS)["results"]))
+            row.update(flatten_results(read_json(workdir / "eval" / "results.json", keys=("results",))["results"]))
         rows.append(row)
     table = pd.DataFrame(rows)
     finished = table[table["status"] == "finished"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from ml_collections import ConfigDict
 
-from jit_tune.config import SAVED_CONFIG_KEYS, ConfigError, config_to_dict, load_config
+from jit_tune.config import ConfigError, config_to_dict, load_config
 from jit_tune.data.registry import build_registry
 from jit_tune.files import atomic_write_json, read_json
 from jit_tune.sweep import space
@@ -28,8 +28,7 @@ MANIFEST = "manifest.json"
 # The plan is a function of the sweep config, and runs' results live in their workdirs.
 MANIFEST_ADVICE = ("move it aside and run `jit-tune sweep plan` with the same sweep config into this directory: it "
                    "plans the same runs, and finished runs are found in their workdirs")
-MANIFEST_KEYS = ("config", "units", "sizes", "prior", "left_out", "runs")
-RESULTS_KEYS = ("step", "results")  # of a run's eval/results.json (eval.report.save_results)
+MANIFEST_KEYS = ("runs",)  # what every verb and launcher reads
 FAILED = ".sweep_failed"
 
 
@@ -142,8 +141,8 @@ def status(run: dict) -> str:
     workdir = Path(run["workdir"])
     results, config = workdir / "eval" / "results.json", workdir / "config.json"
     if results.is_file() and config.is_file():
-        steps = read_json(config, keys=SAVED_CONFIG_KEYS)["train"]["steps"]
-        if read_json(results, keys=RESULTS_KEYS)["step"] == steps:
+        steps = read_json(config, keys=("train",))["train"]["steps"]
+        if read_json(results, keys=("step",))["step"] == steps:
             return "finished"
     if (workdir / FAILED).is_file():
         return "failed"

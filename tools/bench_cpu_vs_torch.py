@@ -1,13 +1,15 @@
 """One training step of the same Llama-style model in jit_tune and in PyTorch/transformers,
-measured side by side in one run, in float32 and in bf16 (jit_tune: bf16 compute over f32
-master weights; PyTorch: bf16 autocast over f32 weights), on this machine's CPU.
+measured side by side in one run, their steps alternated, in float32 and in bf16 (jit_tune:
+bf16 compute over f32 master weights; PyTorch: bf16 autocast over f32 weights), on this
+machine's CPU.
 
     .venv/bin/python tools/bench_cpu_vs_torch.py [--steps 5] [--precisions float32 bfloat16] [--config.x=y ...]
 
 The model is the one the performance issue names: 18.9M parameters, 8 layers, d 384, 6
 query and 2 key-value heads of 64, SwiGLU 1024, vocab 8192, untied; batch 8 x 512 tokens
 (one full segment per row, so both sides compute the same thing), AdamW. Both sides use
-the same number of threads. Prints the CPU and whether it has bfloat16 dot instructions
+the same number of threads, one step of each in turn, so a VM whose speed drifts (10% and
+more between runs here) slows both alike. Prints the CPU and whether it has bfloat16 dot instructions
 (without them both sides emulate bf16, PyTorch's autocast far more slowly), the median
 step time of each and the ratio (PyTorch's time over jit_tune's: above 1 means jit_tune
 is faster). Needs the test extra (torch).
@@ -21,6 +23,7 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from jit_tune.distributed import choose_platform
@@ -32,7 +35,8 @@ MODEL = ["--config.model.vocab_size=8192", "--config.model.d_model=384", "--conf
          "--config.optimizer.grad_clip=0.0", "--config.optimizer.warmup_steps=0"]
 
 
-def jit_tune_step_times(precision: str, steps: int, overrides: list[str]) -> tuple[list[float], int]:
+def jit_tune_step(precision: str, overrides: list[str]) -> tuple[Callable[[], None], int]:
+    """A function that runs one jit_tune training step to completion, and the parameter count."""
     import jax
     import numpy as np
 
@@ -51,13 +55,11 @@ def jit_tune_step_times(precision: str, steps: int, overrides: list[str]) -> tup
              "loss_mask": np.ones((b, length)), "segment_ids": np.ones((b, length)),
              "positions": np.broadcast_to(np.arange(length), (b, length))}
     batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
-    times = []
-    with mesh_lib.use_mesh(config, mesh):
-        for _ in range(steps + 1):  # the first one compiles
-            start = time.perf_counter()
+
+    def step() -> None:
+        with mesh_lib.use_mesh(config, mesh):
             float(train_step(model, optimizer, mesh_lib.global_batch(batch, mesh), 1, config.train.loss_chunk)["loss"])
-            times.append(time.perf_counter() - start)
-    return times[1:], params
+    return step, params
 
 
 def nnx_params(model):
@@ -66,7 +68,8 @@ def nnx_params(model):
     return nnx.state(model, nnx.Param)
 
 
-def torch_step_times(precision: str, steps: int, threads: int) -> tuple[list[float], int]:
+def torch_step(precision: str, threads: int) -> tuple[Callable[[], None], int]:
+    """A function that runs one PyTorch training step, and the parameter count."""
     import torch
     import transformers
 
@@ -79,16 +82,27 @@ def torch_step_times(precision: str, steps: int, threads: int) -> tuple[list[flo
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inputs = torch.randint(0, 8192, (8, 512))
-    times = []
-    for _ in range(steps + 1):  # the first one warms up
-        start = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
             loss = model(input_ids=inputs, labels=inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return times[1:], sum(p.numel() for p in model.parameters())
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def alternated_times(steps: list[Callable[[], None]], n: int) -> list[list[float]]:
+    """Each step's times over n rounds, one of each per round (after one untimed round:
+    compilation, warm-up), so a machine whose speed drifts slows both sides alike."""
+    times: list[list[float]] = [[] for _ in steps]
+    for round_ in range(n + 1):
+        for step, kept in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            if round_:
+                kept.append(time.perf_counter() - start)
+    return times
 
 
 def cpu_model() -> str:
@@ -112,15 +126,17 @@ def main() -> None:
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     print(f"{'precision':<10} {'jit_tune s/step':>16} {'PyTorch s/step':>15} {'PyTorch / jit_tune':>19}")
     for precision in args.precisions:
-        ours, n_ours = jit_tune_step_times(precision, args.steps, overrides)
+        ours, n_ours = jit_tune_step(precision, overrides)
         if args.jit_tune_only:
-            print(f"{precision:<10} {statistics.median(ours):>16.3f}", flush=True)
+            (times,) = alternated_times([ours], args.steps)
+            print(f"{precision:<10} {statistics.median(times):>16.3f}", flush=True)
             continue
-        theirs, n_theirs = torch_step_times(precision, args.steps, threads)
-        a, b = statistics.median(ours), statistics.median(theirs)
+        theirs, n_theirs = torch_step(precision, threads)
+        ours_s, theirs_s = alternated_times([ours, theirs], args.steps)
+        a, b = statistics.median(ours_s), statistics.median(theirs_s)
         print(f"{precision:<10} {a:>16.3f} {b:>15.3f} {b / a:>18.2f}x   ({n_ours / 1e6:.1f}M / {n_theirs / 1e6:.1f}M "
               f"params; {8 * 512 / a:,.0f} vs {8 * 512 / b:,.0f} tokens/s)", flush=True)
-
+        del ours, theirs
 
 if __name__ == "__main__":
     main()

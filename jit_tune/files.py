@@ -40,6 +40,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def named_as(path: str | Path, *unnamed: str) -> Iterator[None]:
+    """An OSError raised in the block names `path`, the file the user knows, when it named
+    none (a write's error) or one of `unnamed` (a temporary file): a full disk is then
+    reported with the file it refused."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename not in (None, *unnamed):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and an atomic rename."""
     path = Path(path)
@@ -47,15 +60,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _remove_abandoned(path)
     temporary = _temporary(path)
     try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except OSError as e:  # named as the file the user knows: a write's error names none, an open's the temporary
-        if e.filename not in (None, str(temporary)):
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
+        with named_as(path, str(temporary)):
+            with open(temporary, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -26,7 +26,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.summary import scalar
 
 from jit_tune.config import WANDB_MISSING, ConfigError, config_to_dict
-from jit_tune.files import atomic_write_text
+from jit_tune.files import atomic_write_text, named_as
 
 WANDB_RUN_ID = "wandb_run_id"  # in the workdir: a resumed run logs to the same W&B run
 
@@ -78,11 +78,9 @@ class JsonlTracker:
         else:
             record = {"step": step, **({"group": self.group} if self.group else {}), **metrics}
             self.last_offset = self.file.tell()
-        try:
+        with named_as(self.path):
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        except OSError as e:  # a write's error names no file
-            raise OSError(e.errno, e.strerror, str(self.path)) from e
         self.last = record
 
     def close(self) -> None:
@@ -105,8 +103,8 @@ class TensorBoardTracker:
         self.directory.mkdir(parents=True, exist_ok=True)
         # A name per writer, in the order written (TensorBoard reads files in name order):
         # tensorboardX's own names repeat within a second, and a restart's would overwrite.
-        self.events = self._written(lambda: EventsWriter(str(self.directory / "events"),
-                                                         f".{time.time_ns():020d}"))
+        with named_as(self.directory):
+            self.events = EventsWriter(str(self.directory / "events"), f".{time.time_ns():020d}")
         self._write([Event(step=start_step, session_log=SessionLog(status=SessionLog.START))])
         if start_line:
             self.log(start_step, {k: v for k, v in start_line.items() if k != "step"})
@@ -117,21 +115,14 @@ class TensorBoardTracker:
                      if isinstance(value, (int, float))])
 
     def _write(self, events: list) -> None:
-        def write():
+        with named_as(self.directory):
             for event in events:
                 self.events.write_event(event)
             self.events.flush()
 
-        self._written(write)
-
-    def _written(self, write):
-        try:
-            return write()
-        except OSError as e:  # the events file's own error names no file
-            raise OSError(e.errno, e.strerror, str(self.directory)) from e
-
     def close(self) -> None:
-        self._written(self.events.close)
+        with named_as(self.directory):
+            self.events.close()
 
 
 class WandbTracker:

@@ -649,8 +649,8 @@ def _mixture_problems(config: ml_collections.ConfigDict, path: str) -> list[str]
         if isinstance(spec, ml_collections.ConfigDict) and "path" in spec and Path(spec.path).is_dir():
             for task in sorted(p.name for p in Path(spec.path).iterdir() if p.is_dir()):
                 if f"{prefix}/{task}" in names:
-                    problems.append(f"{path}: config.data.task_dirs.{prefix}: its task {prefix}/{task} has the name "
-                                    "of a task already defined: expected another prefix")
+                    problems.append(f"{path}{_line_setting(path, prefix)}: config.data.task_dirs.{prefix}: its task "
+                                    f"{prefix}/{task} has the name of a task already defined: expected another prefix")
                 names.add(f"{prefix}/{task}")
     if problems:
         return problems
@@ -659,7 +659,7 @@ def _mixture_problems(config: ml_collections.ConfigDict, path: str) -> list[str]
         values = group.to_dict() if isinstance(group, ml_collections.ConfigDict) else {}
         missing = {"tasks", "rule"} - set(values)
         if missing:
-            return [f"{path}: config.data.groups.{name}: missing {sorted(missing)}"]
+            return [f"{path}{_line_setting(path, name)}: config.data.groups.{name}: missing {sorted(missing)}"]
         groups[name] = {"cap": 0, "temperature": 1.0, **values}
     try:
         # Built-in tasks are generated (unbounded); data files' sizes are not read here.

@@ -64,6 +64,7 @@ def test_bad_mixtures_are_named(mixture, groups, message):
     # built-in tasks are generated: examples-proportional needs a cap (found at load, not once training starts)
     ("{'tasks': ('reverse', 'sort'), 'rule': 'examples'}", "config.data.groups.g: rule 'examples' holds generated "
                                                            "tasks of unbounded size: expected a cap > 0"),
+    ("{'tasks': ('reverse', 'sort')}", r"config.data.groups.g: missing \['rule'\]"),
 ])
 def test_bad_group_in_a_config_is_rejected_at_load_with_its_line(tmp_path, group, message):
     from jit_tune.config import ConfigError, load_config
@@ -99,7 +100,7 @@ def test_a_file_task_may_not_take_another_task_s_name(tmp_path):
         f"    c.data.tasks['t0/news'] = dict(path={str(data)!r})\n"
         f"    c.data.task_dirs.t0 = dict(path={str(tmp_path / 'dir')!r})\n    return c\n"
     )
-    with pytest.raises(ConfigError, match=rf"{path}: config.data.task_dirs.t0: its task t0/news has the name of a task"):
+    with pytest.raises(ConfigError, match=rf"{path}:6: config.data.task_dirs.t0: its task t0/news has the name of a task"):
         load_config(str(path))
 
 

@@ -349,6 +349,30 @@ def test_cli_reports_incomplete_coordinates(capsys):
     assert "also give the number of processes" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a second two-process run
+def test_ctrl_c_on_one_process_of_two_stops_both_with_130(tmp_path):
+    """A person interrupted the run: the other process, which saw no signal, must not exit
+    75 (preempted), which a requeue policy would restart."""
+    import signal
+    import time
+
+    from jit_tune.train.preemption import EXIT_INTERRUPTED
+
+    workdir = tmp_path / "run"
+    launcher = _launch_locally(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
+                               "--config.train.checkpoint_every=1000")
+    metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.05)
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    assert len(children) == 2, children
+    os.kill(int(children[-1]), signal.SIGINT)  # one process only, as `kill -INT` would
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert err.count("interrupted (Ctrl-C): saved a checkpoint at step") == 2 and "preempted" not in err, err[-3000:]
+
+
 def test_sigterm_to_a_two_process_run_saves_one_step_everywhere_and_exits_75(tmp_path):
     import json
     import signal

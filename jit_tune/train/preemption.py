@@ -24,7 +24,8 @@ handler does.
 
 Hosts get the signal at slightly different moments; in training they agree on the step
 to stop at by an all-gather of the flags every AGREE_EVERY steps (multi-process runs
-only), so every process saves the same step.
+only), so every process saves the same step; a Ctrl-C that reached one process makes
+every process exit 130.
 """
 
 from __future__ import annotations
@@ -132,14 +133,16 @@ class Signals:
         import jax  # not at import time: the CLI installs the handlers before loading JAX
         from jax.experimental import multihost_utils
 
+        local = (self.save_requested or self.stop_requested, self.stop_requested, self.interrupted)
         if jax.process_count() == 1:
-            flags = (self.save_requested or self.stop_requested, self.stop_requested)
+            flags = local
         elif step % AGREE_EVERY == 0:
-            local = np.asarray([self.save_requested or self.stop_requested, self.stop_requested], np.int32)
-            flags = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).max(axis=0)
+            flags = np.asarray(multihost_utils.process_allgather(np.asarray(local, np.int32))).reshape(-1, 3).max(0)
         else:
             return False, False
         self.save_requested = False
+        # A Ctrl-C on any process is the run's: every process exits 130, none asks for a requeue.
+        self.interrupted = bool(flags[2])
         return bool(flags[0]), bool(flags[1])
 
 

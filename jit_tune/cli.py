@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.metadata
+import logging
 import os
 import re
 import sys
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     SIGNALS.install()
     SIGNALS.exit_at_once = True
     sys.unraisablehook = _quiet_closed_event_loops(sys.unraisablehook)
+    logging.getLogger("absl").addFilter(_quiet_file_system_refusals)
     SIGNALS.phase = "startup" if args.verb == "train" else "command"
     from jit_tune.distributed import choose_platform
 
@@ -217,6 +219,15 @@ def _quiet_closed_event_loops(hook):
             hook(unraisable)
 
     return quiet
+
+
+def _quiet_file_system_refusals(record: logging.LogRecord) -> bool:
+    """On a full disk Orbax logs its failed background write at ERROR with a traceback,
+    once for each thread that waited on it (four, 320 lines), above jit-tune's own
+    paragraph, which names the file and exits 5. Those records are dropped (a logging
+    filter); Orbax's other errors keep theirs."""
+    error = record.exc_info[1] if record.exc_info else None
+    return error is None or _file_system_refusal(error) is None
 
 
 def _file_system_refusal(error: BaseException) -> str | None:

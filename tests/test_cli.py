@@ -181,3 +181,21 @@ def test_a_workdir_given_as_a_hugging_face_dir_is_named_with_the_flag_to_use(tmp
     (broken / "config.json").write_text('{"architectures": ')  # cut short
     assert main(["generate", "--hf", str(broken), "--prompt", "hi"]) == 2
     assert f"{broken}/config.json:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_only_file_system_refusals_lose_their_library_tracebacks():
+    """The CLI drops Orbax's logged tracebacks of a full disk (it reports the disk itself,
+    exit 5); any other error logged with its traceback is kept."""
+    import errno
+    import logging
+
+    from jit_tune.cli import _quiet_file_system_refusals
+
+    def record(error):
+        return logging.LogRecord("absl", logging.ERROR, "f.py", 1, "failed", None, (type(error), error, None))
+
+    full = ValueError('OUT_OF_RANGE: Error writing "x": Failed to write 8 bytes to file 6: File too large')
+    assert not _quiet_file_system_refusals(record(full))
+    assert not _quiet_file_system_refusals(record(OSError(errno.ENOSPC, "No space left on device", "/ckpt/6")))
+    assert _quiet_file_system_refusals(record(ValueError("shape mismatch")))
+    assert _quiet_file_system_refusals(logging.LogRecord("absl", logging.ERROR, "f.py", 1, "no exc", None, None))

@@ -305,6 +305,19 @@ def _launch_locally(workdir, *overrides: str) -> subprocess.Popen:
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _training_locally(workdir) -> subprocess.Popen:
+    """A two-process run of many steps, returned once it has logged a step."""
+    import time
+
+    launcher = _launch_locally(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
+                               "--config.train.checkpoint_every=1000")
+    metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.05)
+    return launcher
+
+
 def test_local_launcher_trains_as_two_processes(tmp_path):
     workdir = tmp_path / "run"
     launcher = _launch_locally(workdir, "--config.eval.examples_per_task=1")
@@ -354,17 +367,11 @@ def test_ctrl_c_on_one_process_of_two_stops_both_with_130(tmp_path):
     """A person interrupted the run: the other process, which saw no signal, must not exit
     75 (preempted), which a requeue policy would restart."""
     import signal
-    import time
 
     from jit_tune.train.preemption import EXIT_INTERRUPTED
 
     workdir = tmp_path / "run"
-    launcher = _launch_locally(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
-                               "--config.train.checkpoint_every=1000")
-    metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
-        time.sleep(0.05)
+    launcher = _training_locally(workdir)
     children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
     assert len(children) == 2, children
     os.kill(int(children[-1]), signal.SIGINT)  # one process only, as `kill -INT` would
@@ -376,22 +383,17 @@ def test_ctrl_c_on_one_process_of_two_stops_both_with_130(tmp_path):
 def test_sigterm_to_a_two_process_run_saves_one_step_everywhere_and_exits_75(tmp_path):
     import json
     import signal
-    import time
 
     from jit_tune.train.preemption import AGREE_EVERY, EXIT_PREEMPTED
 
     workdir = tmp_path / "run"
-    launcher = _launch_locally(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
-                               "--config.train.checkpoint_every=1000")
-    metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
-        time.sleep(0.05)
+    launcher = _training_locally(workdir)
     launcher.send_signal(signal.SIGTERM)  # passed on to both processes
     _, err = launcher.communicate(timeout=300)
     assert launcher.returncode == EXIT_PREEMPTED, err[-3000:]
     steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and int(steps[0].name) % AGREE_EVERY == 0  # the step both agreed on
     assert {p.name for p in (steps[0] / "data").iterdir()} >= {"stream_0.json", "stream_1.json"}
-    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
     assert max(logged) == int(steps[0].name)

@@ -9,10 +9,10 @@ The model is the one the performance issue names: 18.9M parameters, 8 layers, d 
 query and 2 key-value heads of 64, SwiGLU 1024, vocab 8192, untied; batch 8 x 512 tokens
 (one full segment per row, so both sides compute the same thing), AdamW. Both sides use
 the same number of threads, one step of each in turn, so a VM whose speed drifts (10% and
-more between runs here) slows both alike. Prints the CPU and whether it has bfloat16 dot instructions
-(without them both sides emulate bf16, PyTorch's autocast far more slowly), the median
-step time of each and the ratio (PyTorch's time over jit_tune's: above 1 means jit_tune
-is faster). Needs the test extra (torch).
+more between runs here) slows both alike. Prints the CPU and whether it has bfloat16 dot
+instructions (without them both sides emulate bf16, PyTorch's autocast far more slowly),
+the median step time of each and the ratio (PyTorch's time over jit_tune's: above 1
+means jit_tune is faster). Needs the test extra (torch).
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def main() -> None:
         a, b = statistics.median(ours_s), statistics.median(theirs_s)
         print(f"{precision:<10} {a:>16.3f} {b:>15.3f} {b / a:>18.2f}x   ({n_ours / 1e6:.1f}M / {n_theirs / 1e6:.1f}M "
               f"params; {8 * 512 / a:,.0f} vs {8 * 512 / b:,.0f} tokens/s)", flush=True)
-        del ours, theirs
+        del ours, theirs  # both models, before the next precision builds its own
+
 
 if __name__ == "__main__":
     main()

@@ -9,10 +9,12 @@ The model is the one the performance issue names: 18.9M parameters, 8 layers, d 
 query and 2 key-value heads of 64, SwiGLU 1024, vocab 8192, untied; batch 8 x 512 tokens
 (one full segment per row, so both sides compute the same thing), AdamW. Both sides use
 the same number of threads, one step of each in turn, so a VM whose speed drifts (10% and
-more between runs here) slows both alike. Prints the CPU and whether it has bfloat16 dot
-instructions (without them both sides emulate bf16, PyTorch's autocast far more slowly),
-the median step time of each and the ratio (PyTorch's time over jit_tune's: above 1
-means jit_tune is faster). Needs the test extra (torch).
+more between runs here) slows both alike, and one process: PyTorch's side too runs with
+the glibc settings jit_tune makes on a CPU (`distributed.keep_freed_host_memory`).
+Prints the CPU and whether it has bfloat16 dot instructions (without them both sides
+emulate bf16, PyTorch's autocast far more slowly), the median step time of each and the
+ratio (PyTorch's time over jit_tune's: above 1 means jit_tune is faster). Needs the test
+extra (torch).
 """
 
 from __future__ import annotations

@@ -39,18 +39,17 @@ def choose_platform(environ: dict = os.environ) -> str | None:
     load and probe it, and print its errors, in every command. An explicit JAX_PLATFORMS
     always wins. Where JAX will run on the CPU, glibc is told to keep freed memory
     (below). Returns the platform set, if any."""
-    if "JAX_PLATFORMS" in environ:
-        if environ["JAX_PLATFORMS"] == "cpu":
-            keep_freed_host_memory()
-        return None
-    from jax._src import hardware_utils
+    chosen = None
+    if "JAX_PLATFORMS" not in environ:
+        from jax._src import hardware_utils
 
-    if tpu_chips() or hardware_utils.has_visible_nvidia_gpu() or os.path.exists("/dev/kfd"):  # kfd: AMD GPUs
-        return None
-    environ["JAX_PLATFORMS"] = "cpu"  # for Grain worker processes
-    jax.config.update("jax_platforms", "cpu")
-    keep_freed_host_memory()
-    return "cpu"
+        if tpu_chips() or hardware_utils.has_visible_nvidia_gpu() or os.path.exists("/dev/kfd"):  # kfd: AMD GPUs
+            return None
+        environ["JAX_PLATFORMS"] = chosen = "cpu"  # for Grain worker processes
+        jax.config.update("jax_platforms", "cpu")
+    if environ["JAX_PLATFORMS"] == "cpu":
+        keep_freed_host_memory()
+    return chosen
 
 
 def keep_freed_host_memory() -> bool:
